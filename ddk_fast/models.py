@@ -1,0 +1,224 @@
+"""Teacher and student models: local Hugging Face folders or inline configs; QLoRA / LoRA / full students.
+
+- Teacher: frozen, eval mode, no grad; bfloat16 on GPU, float32 on CPU (``[model] dtype`` overrides).
+- Student: ``qlora`` = bitsandbytes NF4 4-bit base with double quantisation + peft LoRA adapters (AKD item 1),
+  ``lora`` = adapters on a full-precision base, ``full`` = every weight trains.
+- ``student_from_teacher_layers`` builds the student from the teacher by keeping some decoder layers
+  (DistilBERT's initialisation); it is written as a normal HF folder into the run directory and loaded back
+  through the same ``from_pretrained`` path as any other student, so quantisation is the library's own.
+
+Nothing here downloads: every path is local and ``local_files_only`` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+log = logging.getLogger("ddk_fast")
+
+
+@dataclass
+class LoadedModels:
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: object
+    vocab_size: int  # rows of the student head (the teacher's extra rows, if any, are padding)
+    dtype: torch.dtype
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.teacher
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ConfigError("model.tokenizer", path, "a tokenizer with an eos token (used as document separator)")
+    return tok
+
+
+def _from_config(config_dict: dict, key: str, dtype: torch.dtype, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(config_dict)
+    model_type = d.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{key}.model_type", model_type, f"a valid transformers config ({exc})") from None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _load_pretrained(path: str, dtype: torch.dtype, attn: str, **kw) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, local_files_only=True, **kw
+    )
+
+
+def load_teacher(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    if cfg.teacher:
+        teacher = _load_pretrained(cfg.teacher, dtype, cfg.attn_implementation)
+    else:
+        teacher = _from_config(cfg.teacher_config, "model.teacher_config", dtype, seed)
+    teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of ``teacher`` keeping only the decoder layers ``layers`` (DistilBERT-style initialisation)."""
+    decoder = teacher.get_decoder()
+    blocks = getattr(decoder, "layers", None)
+    if blocks is None:
+        raise ConfigError("model.student_from_teacher_layers", layers,
+                          f"a teacher whose decoder has a `layers` list ({type(decoder).__name__} has none)")
+    if max(layers) >= len(blocks):
+        raise ConfigError("model.student_from_teacher_layers", layers,
+                          f"layer indices < {len(blocks)} (the teacher's number of layers)")
+    student = copy.deepcopy(teacher)
+    student.get_decoder().layers = nn.ModuleList(student.get_decoder().layers[i] for i in layers)
+    for new_idx, block in enumerate(student.get_decoder().layers):
+        if hasattr(block, "self_attn") and hasattr(block.self_attn, "layer_idx"):
+            block.self_attn.layer_idx = new_idx  # KV-cache slot
+        if hasattr(block, "layer_idx"):
+            block.layer_idx = new_idx
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    student.requires_grad_(True)
+    return student
+
+
+def disable_bnb_cpu_repack(model: nn.Module) -> int:
+    """Work around a bitsandbytes CPU bug (see shared/ENV.md): on avx512_bf16 CPUs an eval/no-grad forward
+    repacks NF4 weights into an inference-only layout and later training silently loses the gradient through
+    the frozen layers. Turning the repack off keeps gradients exact. Returns the number of layers patched."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_student(cfg: ModelConfig, teacher: nn.Module, device: torch.device, dtype: torch.dtype,
+                 run_dir: Path, seed: int) -> nn.Module:
+    """Build or load the student, quantise it (qlora) and attach adapters (qlora/lora)."""
+    if cfg.student:
+        path = cfg.student
+    elif cfg.student_from_teacher_layers:
+        path = str(run_dir / "student_init")
+        if not (Path(path) / "config.json").exists():
+            init = student_from_teacher(teacher, cfg.student_from_teacher_layers)
+            tmp = Path(path + ".tmp")
+            init.save_pretrained(tmp)
+            tmp.rename(path)
+            del init
+    else:
+        path = None
+
+    if cfg.student_mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        if path is None:  # an inline config: materialise it so quantisation goes through from_pretrained
+            path = str(run_dir / "student_init")
+            if not (Path(path) / "config.json").exists():
+                _from_config(cfg.student_config, "model.student_config", dtype, seed).save_pretrained(path)
+        bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        student = _load_pretrained(path, dtype, cfg.attn_implementation, quantization_config=bnb_cfg,
+                                   device_map={"": device})
+        n = disable_bnb_cpu_repack(student)
+        log.info("student: NF4 4-bit base (%d quantised linear layers, CPU repack disabled)", n)
+    elif path is not None:
+        student = _load_pretrained(path, dtype, cfg.attn_implementation).to(device)
+    else:
+        student = _from_config(cfg.student_config, "model.student_config", dtype, seed).to(device)
+
+    if cfg.student_mode in ("qlora", "lora"):
+        student = _attach_lora(student, cfg)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "enable_input_require_grads"):
+            student.enable_input_require_grads()
+    student.train()
+    return student
+
+
+def _attach_lora(student: nn.Module, cfg: ModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    target = "all-linear" if targets == ["all-linear"] else list(targets)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target, task_type="CAUSAL_LM", bias="none")
+    try:
+        student = get_peft_model(student, lcfg)
+    except ValueError as exc:
+        raise ConfigError("model.lora_target_modules", targets, f"module names present in the student ({exc})") \
+            from None
+    return student
+
+
+def check_vocab(teacher: nn.Module, student: nn.Module, tokenizer) -> int:
+    """Student and teacher must share the tokenizer. A teacher head padded with extra rows (Qwen2.5: 152064
+    vs 151936) is fine: rows >= the student's are ignored by the loss. Returns the student's vocab size."""
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    v_s = student.get_output_embeddings().weight.shape[0]
+    n_tok = len(tokenizer)
+    if v_s < n_tok:
+        raise ConfigError("model.student", v_s, f"a student vocabulary of at least the tokenizer's {n_tok} tokens")
+    if v_t < v_s:
+        raise ConfigError("model.teacher", v_t, f"a teacher vocabulary of at least the student's {v_s} rows "
+                          "(teacher and student must share a tokenizer)")
+    return v_s
+
+
+def check_student_tokenizer(cfg: ModelConfig, tokenizer) -> None:
+    """A student folder that ships its own tokenizer must ship the teacher's: compare vocabularies."""
+    if not cfg.student or not any((Path(cfg.student) / f).exists()
+                                  for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(cfg.student, local_files_only=True)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("model.student", cfg.student, "a student with the teacher's tokenizer "
+                          f"(vocabularies differ: {len(other)} vs {len(tokenizer)} tokens)")
+
+
+def head_weight(model: nn.Module) -> torch.Tensor:
+    """The lm_head weight [V, H] (never quantised: transformers keeps the output head in full precision)."""
+    return model.get_output_embeddings().weight
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, L, H] after the last norm, without computing any logits."""
+    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
