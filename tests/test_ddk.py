@@ -1,0 +1,81 @@
+"""DDK Eq. 1 and Eq. 2 on hand-computed cases (PAPERS.md worked example) and the mixer's modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddk_fast import domain_discrepancy, smooth_domain_weights
+from ddk_fast.ddk import DomainMixer
+
+LN2, LN15 = math.log(2.0), math.log(1.5)
+
+
+def test_eq1_is_softmax_of_perplexity_ratio():
+    # perplexity ratios (2, 1): r = softmax(2, 1) = (e^2, e^1) / (e^2 + e^1)
+    r = domain_discrepancy([LN2 + 1.0, 1.0], [1.0, 1.0])
+    e2, e1 = math.exp(2), math.exp(1)
+    assert r.tolist() == pytest.approx([e2 / (e2 + e1), e1 / (e2 + e1)], abs=1e-12)
+    assert r.tolist() == pytest.approx([0.7311, 0.2689], abs=1e-4)
+
+
+def test_eq2_worked_example():
+    r0 = domain_discrepancy([LN2, 0.0], [0.0, 0.0])
+    r1 = smooth_domain_weights(r0, [LN2, 0.0], [0.0, 0.0], alpha=0.5)
+    assert r1.tolist() == pytest.approx([0.6904, 0.3096], abs=1e-4)
+    r2 = smooth_domain_weights(r1, [LN15, 0.0], [0.0, 0.0], alpha=0.5)
+    assert r2.tolist() == pytest.approx([0.6431, 0.3569], abs=1e-4)
+    # by hand: psi = r1 * exp(ratio); r2 = 0.5 psi / sum psi + 0.25
+    psi = [r1[0].item() * math.exp(1.5), r1[1].item() * math.exp(1.0)]
+    assert r2[0].item() == pytest.approx(0.5 * psi[0] / sum(psi) + 0.25, abs=1e-12)
+
+
+def test_ratio_uses_perplexity_not_loss():
+    # equal CE differences give equal ratios whatever the absolute loss level
+    a = domain_discrepancy([3.0, 1.0], [2.0, 1.0])
+    b = domain_discrepancy([7.0, 5.0], [6.0, 5.0])
+    assert torch.allclose(a, b)
+    assert a[0] > a[1]
+
+
+def test_alpha_limits_and_floor():
+    prev = torch.tensor([0.5, 0.5])
+    uniform = smooth_domain_weights(prev, [5.0, 0.0], [0.0, 0.0], alpha=0.0)
+    assert uniform.tolist() == pytest.approx([0.5, 0.5])
+    w = smooth_domain_weights(torch.ones(3) / 3, [50.0, 0.0, 0.0], [0.0, 0.0, 0.0], alpha=0.5)
+    assert torch.isfinite(w).all() and w.sum().item() == pytest.approx(1.0)
+    assert w.min().item() >= (1 - 0.5) / 3 - 1e-12  # the uniform floor (1-α)/N
+
+
+def test_huge_gap_does_not_overflow():
+    r = domain_discrepancy([100.0, 0.0], [0.0, 0.0])  # exp(exp(100)) would overflow
+    assert torch.isfinite(r).all() and r[0].item() == pytest.approx(1.0)
+
+
+def test_input_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"student_losses and teacher_losses: expected the same number"):
+        domain_discrepancy([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match=r"student_losses: expected finite"):
+        domain_discrepancy([float("nan"), 2.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"alpha: expected a number in \[0, 1\], got 1.5"):
+        smooth_domain_weights([0.5, 0.5], [1.0, 1.0], [1.0, 1.0], alpha=1.5)
+    with pytest.raises(ValueError, match=r"previous: expected 2 domain weights, got 3"):
+        smooth_domain_weights([0.2, 0.3, 0.5], [1.0, 1.0], [1.0, 1.0])
+
+
+def test_mixer_modes():
+    s, t = [LN2, 0.0], [0.0, 0.0]
+    ddk = DomainMixer(2, "ddk", alpha=0.5)
+    assert ddk.update(0, s, t) == pytest.approx([0.7311, 0.2689], abs=1e-4)  # r_0 from Eq. 1
+    assert ddk.update(10, s, t) == pytest.approx([0.6904, 0.3096], abs=1e-4)  # Eq. 2 afterwards
+    no_smooth = DomainMixer(2, "ddk", smoothing=False)
+    no_smooth.update(0, s, t)
+    assert no_smooth.update(10, s, t) == pytest.approx([0.7311, 0.2689], abs=1e-4)
+    assert DomainMixer(2, "uniform").update(0, s, t) == [0.5, 0.5]
+    assert DomainMixer(2, "static", static_weights=[3.0, 1.0]).update(0, s, t) == [0.75, 0.25]
+    state = ddk.state_dict()
+    again = DomainMixer(2, "ddk")
+    again.load_state_dict(state)
+    assert again.update(20, s, t) == ddk.update(20, s, t)
