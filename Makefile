@@ -1,0 +1,51 @@
+# ddk_fast: the two commands of the README are `make demo` and `make test`.
+#
+# Set-up creates .venv. torch is installed FIRST and pinned for every later pip call (a constraints file
+# written from the installed version), so pip never swaps it for a CUDA build on a CPU machine.
+# GPU users: `make demo TORCH=torch` (or any spec), or create .venv with your own torch first: an importable
+# torch is kept as it is.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ddk_fast-installed
+
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test bench lint ext clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt setuptools wheel pybind11
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt --no-build-isolation -e ".[dev]"
+	touch $@
+
+# Rebuild the optional C++ sampler in place (setup does this too; DDK_FAST_BUILD_EXT=1 makes failure fatal).
+ext: setup
+	$(BIN)/python setup.py -q build_ext --inplace
+
+demo: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.train --config examples/demo.toml
+
+test: setup
+	$(BIN)/ruff check ddk_fast tests bench
+	$(BIN)/python -m pytest tests -q --durations=10
+	$(BIN)/python -m pytest bench -q --benchmark-disable
+
+bench: setup
+	$(BIN)/python -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json
+
+lint: setup
+	$(BIN)/ruff check ddk_fast tests bench
+	$(BIN)/ruff format --check ddk_fast tests bench
+
+clean:
+	rm -rf build *.egg-info ddk_fast/*.so .pytest_cache

@@ -1,0 +1,136 @@
+"""A tiny end-to-end DDK run on CPU (QLoRA student, inline Llama teacher with a padded vocab), resume
+equality, the non-finite-loss guard and crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddk_fast import checkpoint as ckpt
+from ddk_fast.config import build_config
+from ddk_fast.train import run
+from ddk_fast.trainer import Trainer, TrainingStopped
+
+from .tiny import VOCAB, domain_texts, llama_config, make_tokenizer, write_domains
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    texts = [t for docs in domain_texts().values() for t in docs]
+    make_tokenizer(root / "tok", texts)
+    return root, write_domains(root / "data")
+
+
+def make_cfg(assets, run_dir, **over):
+    root, files = assets
+    raw = {
+        "model": {"teacher_config": llama_config(VOCAB + 16), "student_from_teacher_layers": [0, 3],
+                  "tokenizer": str(root / "tok"), "student_mode": "qlora", "lora_r": 4, "lora_dropout": 0.1},
+        "data": {"domains": [{"name": n, "files": [str(p)]} for n, p in files.items()],
+                 "seq_len": 32, "batch_size": 4, "val_sequences": 4, "cache_dir": str(root / "cache"),
+                 "prefetch": 2},
+        "ddk": {"interval": 3, "eval_batch_size": 4},
+        "train": {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "log_every": 1},
+        "checkpoint": {"every": 3, "keep_last": 2},
+        "output": {"dir": str(run_dir), "progress": False, "tensorboard": False},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return build_config(raw)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_run_writes_report_plots_checkpoints(assets, tmp_path):
+    cfg = make_cfg(assets, tmp_path / "run")
+    assert run(cfg) == 0
+    out = tmp_path / "run"
+    for name in ("report.md", "domain_weights.png", "domain_losses.png", "config.toml", "metrics.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(sum(r["weights"]) - 1) < 1e-9 for r in rows)
+    # weights change at the interval boundary (step 3) and are DDK's, not uniform
+    assert rows[0]["weights"] != [1 / 3] * 3 and rows[3]["weights"] != rows[2]["weights"]
+    assert (out / "final" / "adapter_config.json").exists()  # peft format
+    assert (out / "final" / "tokenizer_config.json").exists()
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_00000006"
+    report = (out / "report.md").read_text()
+    for name in ("arith", "words", "code"):
+        assert f"| {name} |" in report
+
+
+def test_resume_gives_the_same_batches_weights_and_losses(assets, tmp_path):
+    full = make_cfg(assets, tmp_path / "full")
+    t = Trainer(full)
+    t.setup()
+    t.fit()
+    reference = _rows(tmp_path / "full")
+    ref_params = {n: p.detach().clone() for n, p in t.student.named_parameters() if p.requires_grad}
+
+    cut = make_cfg(assets, tmp_path / "cut")
+    t1 = Trainer(cut)
+    t1.setup()
+    t1.fit(stop_at=4)  # "crash" after step 4: the checkpoint of step 3 is the latest
+    assert ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_00000003"
+
+    t2 = Trainer(make_cfg(assets, tmp_path / "cut"))
+    t2.setup()
+    assert t2.resume() and t2.step == 3
+    t2.fit()
+    resumed = _rows(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(reference[3:], resumed[3:]):
+        assert a["batch_fingerprint"] == b["batch_fingerprint"]
+        assert a["weights"] == b["weights"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    for n, p in t2.student.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p, ref_params[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(assets, tmp_path, monkeypatch):
+    cfg = make_cfg(assets, tmp_path / "nan", train__max_bad_steps=2, train__max_steps=6)
+    t = Trainer(cfg)
+    t.setup()
+    real = t._loss
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        out = real(batch)
+        if calls["n"] in (2,) or calls["n"] >= 5:  # one isolated NaN, then NaNs forever
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(t, "_loss", flaky)
+    with pytest.raises(TrainingStopped, match=r"2 consecutive non-finite losses"):
+        t.fit()
+    assert t.bad_total == 3 and t.step == 3
+    assert ckpt.latest_checkpoint(tmp_path / "nan" / "checkpoints").name == "step_00000003"
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(assets, tmp_path, monkeypatch):
+    t = Trainer(make_cfg(assets, tmp_path / "crash"))
+    t.setup()
+    t.fit(stop_at=3)
+    root = tmp_path / "crash" / "checkpoints"
+    assert ckpt.latest_checkpoint(root).name == "step_00000003"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    t.step = 4
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        t.save()
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(root).name == "step_00000003"
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root), t.student)
+    assert state["step"] == 3
