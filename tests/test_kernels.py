@@ -1,0 +1,188 @@
+"""Triton kernels against the float64 ground truth (values and gradients).
+
+On a machine without CUDA they run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) on CPU tensors at
+small shapes; with CUDA they run compiled.
+Oracle: ``|gt - triton| <= k |gt - plain torch same dtype| + atol``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddk_fast.backend import triton_import_error
+from ddk_fast.losses import fused_linear_kd_loss, kd_loss
+from ddk_fast.ops.reference import DIVERGENCES, fused_linear_kd_loss_naive, kd_loss_naive
+
+from .test_loss_reference import assert_oracle, make_inputs
+
+pytestmark = pytest.mark.skipif(triton_import_error() is not None, reason=f"{triton_import_error()}")
+
+FIELDS = ("loss", "ce", "kd", "domain_ce_sum", "domain_kd_sum", "domain_tokens")
+
+
+def _run(fn, tensors, labels, domains, req_w=True, grad_out=1.7, **kw):
+    xs = [t.clone().requires_grad_(i == 0 or (i == 1 and req_w)) for i, t in enumerate(tensors)]
+    out = fn(*xs, labels=labels, domain_ids=domains, num_domains=3, **kw)
+    (out.loss * grad_out).backward()
+    return out, xs[0].grad, xs[1].grad
+
+
+def _check_linear(device, n=37, vs=1271, vt=1280, req_w=True, transform=None, **kw):
+    tensors, labels, domains = make_inputs(n=n, vs=vs, vt=vt)
+    tensors = [t.to(device) for t in tensors]
+    labels, domains = labels.to(device), domains.to(device)
+    if transform is not None:
+        tensors, labels = transform(tensors, labels)
+    gt, gh, gw = _run(
+        fused_linear_kd_loss_naive,
+        [t.double() for t in tensors],
+        labels,
+        domains,
+        req_w,
+        compute_dtype=torch.float64,
+        **kw,
+    )
+    nv, nh, nw = _run(fused_linear_kd_loss_naive, tensors, labels, domains, req_w, **kw)
+    tr, th, tw = _run(fused_linear_kd_loss, tensors, labels, domains, req_w, backend="triton", **kw)
+    for f in FIELDS:
+        assert_oracle(getattr(gt, f), getattr(tr, f), getattr(nv, f), f)
+    assert_oracle(gh, th, nh, "grad student_hidden")
+    if req_w:
+        assert_oracle(gw, tw, nw, "grad student_weight")
+    else:
+        assert tw is None
+    return tr, th, tw
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_linear_kernel_matches_float64(device, divergence, temperature):
+    _check_linear(
+        device, divergence=divergence, temperature=temperature, beta=0.3, kd_weight=0.7, ce_weight=0.4
+    )
+
+
+def test_all_ignored_batch_is_zero_not_nan(device):
+    def ignore_all(tensors, labels):
+        return tensors, torch.full_like(labels, -100)
+
+    out, gh, gw = _check_linear(device, n=9, transform=ignore_all, divergence="jsd")
+    assert out.loss.item() == 0.0
+    assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+
+
+def test_non_contiguous_inputs_and_frozen_head(device):
+    def non_contiguous(tensors, labels):
+        h_s, w_s, h_t, w_t = tensors
+        h_s = h_s.T.contiguous().T  # column-major
+        w_t = torch.cat([w_t, w_t], 1)[:, ::2]  # strided columns
+        assert not h_s.is_contiguous() and not w_t.is_contiguous()
+        return [h_s, w_s, h_t, w_t], labels
+
+    _check_linear(
+        device, n=17, vs=401, vt=417, req_w=False, transform=non_contiguous, divergence="reverse_kl"
+    )
+
+
+def test_no_labels_and_softcap(device):
+    def drop_labels(tensors, labels):
+        return tensors, None
+
+    _check_linear(
+        device, n=20, vs=300, vt=300, transform=drop_labels, divergence="jsd", temperature=2.0,
+        student_softcap=4.0, teacher_softcap=6.0, student_logit_scale=0.8,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "total_variation"])
+def test_kd_loss_from_logits_kernel(device, divergence):
+    (h_s, w_s, h_t, w_t), labels, domains = make_inputs(n=33, vs=1271, vt=1300)
+    s64 = (h_s.double() @ w_s.double().T).to(device)
+    t64 = (h_t.double() @ w_t.double().T).to(device)
+    labels, domains = labels.to(device), domains.to(device)
+    kw = dict(divergence=divergence, temperature=2.5, num_domains=3, beta=0.7)
+    res = []
+    for fn, s, t, extra in (
+        (kd_loss_naive, s64, t64, {}),
+        (kd_loss_naive, s64.float(), t64.float(), {}),
+        (kd_loss, s64.float().T.contiguous().T, t64.float(), {"backend": "triton"}),
+    ):
+        s = s.detach().requires_grad_()
+        out = fn(s, t, labels, domains, **kw, **extra)
+        (out.loss * 0.5).backward()
+        res.append((out, s.grad))
+    (gt, gg), (nv, ng), (tr, tg) = res
+    for f in FIELDS:
+        assert_oracle(getattr(gt, f), getattr(tr, f), getattr(nv, f), f)
+    assert_oracle(gg, tg, ng, "grad logits")
+
+
+def test_bf16_kernel_no_worse_than_torch_bf16(device):
+    tensors, labels, domains = make_inputs(n=24, vs=512, vt=512)
+    tb = [t.to(device, torch.bfloat16) for t in tensors]
+    labels = labels.to(device)
+    gt = fused_linear_kd_loss_naive(
+        *[t.double() for t in tb], labels, compute_dtype=torch.float64, divergence="jsd"
+    )
+    nv = fused_linear_kd_loss_naive(*tb, labels, compute_dtype=None, divergence="jsd")  # all-bf16 torch
+    xs = [t.clone().requires_grad_(i == 0) for i, t in enumerate(tb)]
+    tr = fused_linear_kd_loss(*xs, labels, divergence="jsd", backend="triton")
+    tr.loss.backward()
+    assert xs[0].grad.dtype == torch.bfloat16 and torch.isfinite(xs[0].grad.float()).all()
+    assert_oracle(gt.loss, tr.loss, nv.loss, "bf16 loss", k=1.0)
+
+
+def test_triton_path_under_torch_compile(device):
+    tensors, labels, domains = make_inputs(n=16, vs=200, vt=210)
+    tensors = [t.to(device) for t in tensors]
+    labels = labels.to(device)
+
+    def step(h_s, w_s, h_t, w_t):
+        return fused_linear_kd_loss(
+            h_s, w_s, h_t, w_t, labels, divergence="reverse_kl", backend="triton"
+        ).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs = [t.clone().requires_grad_(i < 2) for i, t in enumerate(tensors)]
+    ys = [t.clone().requires_grad_(i < 2) for i, t in enumerate(tensors)]
+    a = compiled(*xs)
+    a.backward()
+    b = step(*ys)
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(xs[0].grad, ys[0].grad)
+    torch.testing.assert_close(xs[1].grad, ys[1].grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_gpu_realistic_shapes(dtype, divergence):
+    torch.manual_seed(0)
+    dev = "cuda"
+    n, hs, ht, vs, vt = 1024, 2048, 4096, 32768 + 7, 32768 + 64
+    h_s = torch.randn(n, hs, device=dev, dtype=dtype)
+    w_s = torch.randn(vs, hs, device=dev, dtype=dtype) / hs**0.5
+    h_t = torch.randn(n, ht, device=dev, dtype=dtype)
+    w_t = torch.randn(vt, ht, device=dev, dtype=dtype) / ht**0.5
+    labels = torch.randint(0, vs, (n,), device=dev)
+    labels[::7] = -100
+    kw = dict(divergence=divergence, temperature=2.0)
+    res = []
+    for fn, args, extra in (
+        (
+            fused_linear_kd_loss_naive,
+            [t.double() for t in (h_s, w_s, h_t, w_t)],
+            {"compute_dtype": torch.float64},
+        ),
+        (fused_linear_kd_loss_naive, [h_s, w_s, h_t, w_t], {"compute_dtype": None}),
+        (fused_linear_kd_loss, [h_s, w_s, h_t, w_t], {"backend": "triton"}),
+    ):
+        xs = [a.clone().requires_grad_(i == 0) for i, a in enumerate(args)]
+        out = fn(*xs, labels, **kw, **extra)
+        out.loss.backward()
+        res.append((out.loss.detach(), xs[0].grad))
+    (gl, gg), (nl, ng), (tl_, tg) = res
+    assert_oracle(gl, tl_, nl, "loss", atol=1e-4)
+    assert_oracle(gg, tg, ng, "grad", atol=1e-4)
