@@ -1,0 +1,334 @@
+"""The demo's built-in multi-domain corpus, generated offline and deterministically.
+
+Four domains of clearly different difficulty for a tiny language model (easiest to hardest, as a small
+model sees them):
+
+- ``structured``: generated symbolic tasks, one per line (``sort: 9 2 7 -> 2 7 9``, ``reverse:``, ``max:``,
+  key-value ``lookup``). The part before ``->`` is random, the part after is a function of it.
+- ``arithmetic``: generated problems, one per line (``37 + 48 = 85``, ``-``, ``*``). The answers are exact
+  functions of the operands; a tiny model learns the format and part of the digit arithmetic.
+- ``code``: real Python source files of the running interpreter's standard library, cut into chunks at
+  top-level ``def``/``class`` boundaries.
+- ``docs``: English docstrings extracted with ``ast`` from *other* standard-library modules than the ones
+  ``code`` uses (so the two domains do not share text).
+
+Determinism: the generated domains use ``random.Random(seed)``; the stdlib domains order files by the SHA-1
+of their relative path (a fixed, name-based order that spreads the choice over the whole library and is
+robust to a file being added or missing in another Python version) and cap every size. The same Python
+version and settings give byte-identical files.
+
+Layout written by :func:`build_corpus`::
+
+    <dir>/<domain>.jsonl        training documents, one JSON object {"text": ...} per line
+    <dir>/valid/<domain>.jsonl  held-out documents of the same domain (the last documents generated)
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DOMAINS: tuple[str, ...] = ("code", "docs", "arithmetic", "structured")
+
+# Folders of the stdlib that are tests, demos, vendored or generated code, or not part of the library.
+_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "site-packages",
+        "dist-packages",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "pydoc_data",
+        "__pycache__",
+        "__phello__",
+        "idlelib",
+        "tkinter",
+        "encodings",
+    }
+)
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """Sizes (in characters of text) and seed of the generated corpus. Changing any value rebuilds it."""
+
+    seed: int = 0
+    code_chars: int = 300_000
+    docs_chars: int = 300_000
+    arithmetic_chars: int = 200_000
+    structured_chars: int = 200_000
+    valid_chars: int = 16_000  # held out per domain, on top of the training text
+    max_file_chars: int = 12_000  # at most this much text is taken from one stdlib file
+    max_file_bytes: int = 200_000  # larger stdlib files are skipped (generated tables)
+
+    @classmethod
+    def tiny(cls) -> CorpusSettings:
+        return cls(
+            code_chars=20_000,
+            docs_chars=20_000,
+            arithmetic_chars=12_000,
+            structured_chars=12_000,
+            valid_chars=2_000,
+        )
+
+    def chars(self, domain: str) -> int:
+        return getattr(self, f"{domain}_chars")
+
+
+# --------------------------------------------------------------------------------------------------
+# stdlib file choice
+# --------------------------------------------------------------------------------------------------
+
+
+def stdlib_files(max_file_bytes: int) -> list[tuple[str, Path]]:
+    """(relative path, path) of the stdlib's ``.py`` files, in the fixed SHA-1-of-name order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            if not name.endswith(".py") or name.startswith("test_"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if 500 <= size <= max_file_bytes:
+                found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: (hashlib.sha1(item[0].encode()).hexdigest(), item[0]))
+    if not found:
+        raise RuntimeError(f"no Python source files found under the stdlib folder {root}")
+    return found
+
+
+def _read_source(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text.replace("\r\n", "\n").replace("\t", "    ")
+
+
+def _code_documents(text: str, rng: random.Random, max_chars: int) -> list[str]:
+    """Cut a source file into documents of 300..3000 characters at top-level def/class boundaries."""
+    blocks: list[str] = []
+    current: list[str] = []
+    for line in text.split("\n"):
+        starts_block = line.startswith(("def ", "class ", "async def ", "@"))
+        if current and starts_block and not current[-1].startswith("@"):  # keep decorators with their def
+            blocks.append("\n".join(current))
+            current = []
+        current.append(line)
+    if current:
+        blocks.append("\n".join(current))
+    docs: list[str] = []
+    doc = ""
+    target = rng.randint(300, 3000)
+    taken = 0
+    for block in blocks:
+        block = block.strip("\n")
+        if not block:
+            continue
+        if len(block) > 4000:  # one huge function or table: keep its beginning only
+            block = block[:4000].rsplit("\n", 1)[0]
+        doc = f"{doc}\n\n{block}" if doc else block
+        if len(doc) >= target:
+            docs.append(doc + "\n")
+            taken += len(doc)
+            doc, target = "", rng.randint(300, 3000)
+            if taken >= max_chars:
+                return docs
+    if len(doc) >= 100:
+        docs.append(doc + "\n")
+    return docs
+
+
+def _docstrings(text: str) -> list[str]:
+    """Docstrings (cleaned, >= 80 characters) of a module, its classes and functions, in source order."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    out: list[str] = []
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        if isinstance(node, nodes):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= 80:
+                out.append(doc.strip() + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the four domains: each returns documents in a fixed order until `chars` characters are reached
+# --------------------------------------------------------------------------------------------------
+
+
+def _take(docs_iter, chars: int) -> list[str]:
+    docs: list[str] = []
+    total = 0
+    for doc in docs_iter:
+        docs.append(doc)
+        total += len(doc)
+        if total >= chars:
+            break
+    return docs
+
+
+def _code_domain(s: CorpusSettings, chars: int) -> list[str]:
+    rng = random.Random(f"code-{s.seed}")
+
+    def gen():
+        for i, (_, path) in enumerate(stdlib_files(s.max_file_bytes)):
+            if i % 2:  # even positions: code; odd positions: docs (disjoint modules)
+                continue
+            text = _read_source(path)
+            if text:
+                yield from _code_documents(text, rng, s.max_file_chars)
+
+    return _take(gen(), chars)
+
+
+def _docs_domain(s: CorpusSettings, chars: int) -> list[str]:
+    seen: set[str] = set()
+
+    def gen():
+        for i, (_, path) in enumerate(stdlib_files(s.max_file_bytes)):
+            if i % 2 == 0:
+                continue
+            text = _read_source(path)
+            if not text:
+                continue
+            taken = 0
+            for doc in _docstrings(text):
+                if doc in seen or taken >= s.max_file_chars:
+                    continue
+                seen.add(doc)
+                taken += len(doc)
+                yield doc
+
+    return _take(gen(), chars)
+
+
+def _arithmetic_line(rng: random.Random) -> str:
+    op = rng.choice("++--*")
+    if op == "*":
+        a, b = rng.randint(2, 99), rng.randint(2, 19)
+        return f"{a} * {b} = {a * b}"
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    if op == "-":
+        return f"{a} - {b} = {a - b}"
+    return f"{a} + {b} = {a + b}"
+
+
+def _arithmetic_domain(s: CorpusSettings, chars: int) -> list[str]:
+    rng = random.Random(f"arithmetic-{s.seed}")
+
+    def gen():
+        while True:
+            yield "\n".join(_arithmetic_line(rng) for _ in range(rng.randint(2, 40))) + "\n"
+
+    return _take(gen(), chars)
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _structured_line(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    n = rng.randint(3, 8)
+    if kind == 0:
+        xs = [rng.randint(0, 9) for _ in range(n)]
+        return f"sort: {' '.join(map(str, xs))} -> {' '.join(map(str, sorted(xs)))}"
+    if kind == 1:
+        xs = [rng.choice(_LETTERS) for _ in range(n)]
+        return f"reverse: {' '.join(xs)} -> {' '.join(reversed(xs))}"
+    if kind == 2:
+        xs = [rng.randint(0, 99) for _ in range(n)]
+        return f"max: {' '.join(map(str, xs))} -> {max(xs)}"
+    keys = rng.sample(_LETTERS, n)
+    vals = [rng.randint(0, 9) for _ in range(n)]
+    k = rng.randrange(n)
+    pairs = " ".join(f"{key}={v}" for key, v in zip(keys, vals))
+    return f"lookup {keys[k]} in {pairs} -> {vals[k]}"
+
+
+def _structured_domain(s: CorpusSettings, chars: int) -> list[str]:
+    rng = random.Random(f"structured-{s.seed}")
+
+    def gen():
+        while True:
+            yield "\n".join(_structured_line(rng) for _ in range(rng.randint(2, 30))) + "\n"
+
+    return _take(gen(), chars)
+
+
+_GENERATORS: dict[str, Callable[[CorpusSettings, int], list[str]]] = {
+    "code": _code_domain,
+    "docs": _docs_domain,
+    "arithmetic": _arithmetic_domain,
+    "structured": _structured_domain,
+}
+
+
+def generate_domain(domain: str, settings: CorpusSettings) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents) of one domain: the last documents generated are held out."""
+    if domain not in _GENERATORS:
+        raise ValueError(f"domain: expected one of {list(_GENERATORS)}, got {domain!r}")
+    docs = _GENERATORS[domain](settings, settings.chars(domain) + settings.valid_chars)
+    held, n = 0, len(docs)
+    while n > 1 and held < settings.valid_chars:
+        n -= 1
+        held += len(docs[n])
+    train, valid = docs[:n], docs[n:]
+    if not train or not valid:
+        raise RuntimeError(f"domain {domain!r} produced too little text ({len(docs)} documents)")
+    return train, valid
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[str]:
+    """The ``"text"`` field of every line of a corpus file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def build_corpus(out_dir: str | os.PathLike, settings: CorpusSettings | None = None) -> dict[str, dict]:
+    """Write every domain's training and held-out documents under ``out_dir``; returns per-domain stats."""
+    settings = settings or CorpusSettings()
+    out = Path(out_dir)
+    (out / "valid").mkdir(parents=True, exist_ok=True)
+    stats: dict[str, dict] = {}
+    for domain in DOMAINS:
+        train, valid = generate_domain(domain, settings)
+        _write_jsonl(out / f"{domain}.jsonl", train)
+        _write_jsonl(out / "valid" / f"{domain}.jsonl", valid)
+        stats[domain] = {
+            "train_docs": len(train),
+            "train_chars": sum(map(len, train)),
+            "valid_docs": len(valid),
+            "valid_chars": sum(map(len, valid)),
+        }
+    return stats
+
+
+def corpus_files(corpus_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
+    """domain -> (training file, held-out file) of a corpus written by :func:`build_corpus`."""
+    d = Path(corpus_dir)
+    return {dom: (d / f"{dom}.jsonl", d / "valid" / f"{dom}.jsonl") for dom in DOMAINS}
