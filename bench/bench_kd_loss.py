@@ -6,7 +6,11 @@ Providers (side by side in one run):
 - ``chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
 - ``compiled``: ``torch.compile`` of the chunked reference;
 - ``triton``: ``fused_linear_kd_loss(backend="triton")`` (CUDA only: the interpreter is 40-3000x slower);
-- ``liger``: ``LigerFusedLinearJSDLoss`` when ``liger_kernel`` is installed (CUDA; JSD only).
+- ``liger``: ``liger_kernel.transformers.LigerFusedLinearJSD`` when ``liger_kernel`` is installed (CUDA only).
+  It computes the mean generalized JSD over non-ignored tokens and nothing else (no CE term, no T^2 factor),
+  so it does slightly less work than the other providers, which also compute CE;
+  ``test_liger_matches_reference`` checks on CUDA that it equals our JSD (``ce_weight=0, scale_by_t2=False``),
+  gradients included.
 
 Rows (``bench/results/kd_loss.jsonl`` + ``.csv``): median/IQR fwd+bwd time (pytest-benchmark), peak extra
 memory (CUDA: max_memory_allocated; CPU: peak RSS of a fresh process, see bench/harness.py), achieved TFLOP/s
@@ -19,13 +23,12 @@ the dense matmul rate measured in the same run.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from bench.harness import matmul_tflops, peak_memory, record, tflops, time_fn
-from ddk_fast.ops.reference import fused_linear_kd_loss_naive, fused_linear_kd_loss_reference
+from ddk_fast.ops.naive import fused_linear_kd_loss_naive
+from ddk_fast.ops.reference import fused_linear_kd_loss_reference
 
 CPU_SHAPES = {  # name: (N, H_s, H_t, V_s, V_t)
     "cpu-n2048-v32000-h512": (2048, 512, 512, 32000, 32000),
@@ -45,6 +48,26 @@ _COMPILED = {}
 
 def flop_count(n, hs, ht, vs) -> float:
     return 2.0 * n * vs * (hs + ht) + 4.0 * n * vs * hs
+
+
+def liger_jsd(vs: int, beta: float, temperature: float, device: str, ignore_index: int = -100):
+    """Liger's fused ``lm_head`` + generalized JSD as ``fn(h_s, w_s, h_t, w_t, labels) -> scalar loss``.
+
+    Liger's API (``liger_kernel/transformers/fused_linear_jsd.py``, Triton op in
+    ``liger_kernel/ops/fused_linear_jsd.py``): ``LigerFusedLinearJSD(jsd_beta=0.5, ignore_index=-100,
+    temperature=1.0)``, ``forward(student_input [N, H_s], student_weight [V, H_s], teacher_input [N, H_t],
+    teacher_weight [V, H_t], shift_labels [N] or None)``. Both weights must have the same V, so the teacher's
+    padding rows >= V_s are cut off here, as our API does. Its beta: M = beta p + (1-beta) q,
+    D = beta KL(p||M) + (1-beta) KL(q||M), p the teacher and q the student (0 = forward KL, 1 = reverse KL):
+    TRL's convention and ours, so beta passes unchanged. The loss is sum_i D_i / (non-ignored tokens): no CE
+    and no T^2 factor.
+    """
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"liger: expected a CUDA device (Liger's kernels are Triton-only), got {device!r}")
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    mod = LigerFusedLinearJSD(jsd_beta=beta, ignore_index=ignore_index, temperature=temperature)
+    return lambda h_s, w_s, h_t, w_t, labels: mod(h_s, w_s, h_t, w_t[:vs], labels)
 
 
 def make_step(provider: str, n: int, hs: int, ht: int, vs: int, vt: int, dtype: str = "float32",
@@ -76,11 +99,8 @@ def make_step(provider: str, n: int, hs: int, ht: int, vs: int, vt: int, dtype: 
 
         fn = lambda: fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, backend="triton", **kw).loss  # noqa: E731
     elif provider == "liger":
-        from liger_kernel.transformers import LigerFusedLinearJSD
-
-        mod = LigerFusedLinearJSD(jsd_beta=0.5, ignore_index=-100, temperature=2.0)
-        w_t_s = w_t[:vs]
-        fn = lambda: mod(h_s, w_s, h_t, w_t_s, labels)  # noqa: E731
+        loss_fn = liger_jsd(vs, beta=kw["beta"], temperature=kw["temperature"], device=device)
+        fn = lambda: loss_fn(h_s, w_s, h_t, w_t, labels)  # noqa: E731
     else:
         raise ValueError(f"provider: expected one of {GPU_PROVIDERS}, got {provider!r}")
 
@@ -132,10 +152,35 @@ def test_kd_loss_cpu(benchmark, provider, shape_name):
 @pytest.mark.parametrize("provider", GPU_PROVIDERS)
 @pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
 def test_kd_loss_gpu(benchmark, provider, shape_name, dtype):
-    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        pytest.skip("liger_kernel is not installed")
+    if provider == "liger":
+        pytest.importorskip("liger_kernel.transformers", reason="liger_kernel is not installed")
     n, hs, ht, vs, vt = GPU_SHAPES[shape_name]
     if provider == "naive" and n * vs * 4 * 6 > 0.8 * torch.cuda.get_device_properties(0).total_memory:
         pytest.skip("naive fp32 logits do not fit in GPU memory at this shape")
     benchmark.group = f"kd_loss {shape_name}"
     _bench(benchmark, provider, shape_name, GPU_SHAPES[shape_name], dtype, torch.device("cuda"), rounds=10)
+
+
+@pytest.mark.gpu
+def test_liger_matches_reference():
+    """The liger provider computes our jsd at the same beta (0.3: a swapped convention would fail), and the
+    same gradients."""
+    pytest.importorskip("liger_kernel.transformers", reason="liger_kernel is not installed")
+    n, hs, ht, vs, vt = 257, 256, 384, 1271, 1280
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h_s = torch.randn(n, hs, generator=g).cuda().requires_grad_()
+    w_s = (torch.randn(vs, hs, generator=g) / hs**0.5).cuda().requires_grad_()
+    h_t = torch.randn(n, ht, generator=g).cuda()
+    w_t = (torch.randn(vt, ht, generator=g) / ht**0.5).cuda()
+    labels = torch.randint(0, vs, (n,), generator=g).cuda()
+    labels[::7] = -100
+    kw = dict(beta=0.3, temperature=2.0)
+    ref = fused_linear_kd_loss_reference(
+        h_s, w_s, h_t, w_t, labels, divergence="jsd", ce_weight=0.0, scale_by_t2=False, **kw
+    ).loss
+    ref_grads = torch.autograd.grad(ref, (h_s, w_s))
+    got = liger_jsd(vs, device="cuda", **kw)(h_s, w_s, h_t, w_t, labels)
+    got_grads = torch.autograd.grad(got, (h_s, w_s))
+    torch.testing.assert_close(got.float(), ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)

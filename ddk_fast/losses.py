@@ -1,7 +1,7 @@
 """Public KD-loss API: ``fused_linear_kd_loss`` / ``FusedLinearKDLoss`` and ``kd_loss`` / ``KDLoss``.
 
 The backend is chosen by :func:`ddk_fast.backend.resolve_loss_backend`: ``triton`` (fused kernels,
-``ddk_fast/kernels/fused_linear_kd.py``) for CUDA tensors, the chunked torch reference
+``ddk_fast/kernels/kd_forward.py``, ``kd_backward.py``) for CUDA tensors, the chunked torch reference
 (``ddk_fast/ops/reference.py``) on CPU. Importing this module imports neither triton nor touches CUDA.
 """
 

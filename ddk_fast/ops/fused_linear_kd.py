@@ -1,5 +1,6 @@
 """The Triton op of the KD loss: ``torch.library.custom_op``s around the launchers of
-``ddk_fast/kernels/fused_linear_kd.py`` (imported lazily: importing this module does not import triton).
+``ddk_fast/kernels/kd_forward.py`` / ``kd_backward.py`` (imported lazily: importing this module does not
+import triton).
 
 Two custom ops, so ``torch.compile`` sees opaque nodes with fake (meta) implementations, no graph break:
 - ``ddk_fast::kd_fwd``  -> (stats [4, N], ce [N], d [N], domain_ce_sum, domain_kd_sum, domain_tokens)
@@ -26,12 +27,6 @@ DIV_CODES = {
 }
 
 
-def _kernels():
-    from ..kernels import fused_linear_kd  # lazy: triton is imported on first use only
-
-    return fused_linear_kd
-
-
 @torch.library.custom_op("ddk_fast::kd_fwd", mutates_args=())
 def kd_fwd_op(
     h_s: Tensor,
@@ -53,8 +48,9 @@ def kd_fwd_op(
     num_domains: int,
     from_logits: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    k = _kernels()
-    stats, ce, d, dce, dkd, dtok = k.kd_fwd(
+    from ..kernels.kd_forward import kd_fwd  # lazy: triton is imported on first use only
+
+    stats, ce, d, dce, dkd, dtok = kd_fwd(
         h_s, w_s, h_t, w_t, labels, domain_ids, vocab, div, beta, lam, temperature,
         s_scale, s_cap, t_scale, t_cap, ignore_index, num_domains, from_logits,
     )  # fmt: skip
@@ -100,7 +96,9 @@ def kd_bwd_op(
     need_w: bool,
     from_logits: bool,
 ) -> tuple[Tensor, Tensor]:
-    gh, gw = _kernels().kd_bwd(
+    from ..kernels.kd_backward import kd_bwd  # lazy: triton is imported on first use only
+
+    gh, gw = kd_bwd(
         h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature,
         s_scale, s_cap, t_scale, t_cap, ignore_index, need_h, need_w, from_logits,
     )  # fmt: skip

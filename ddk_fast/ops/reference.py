@@ -31,8 +31,9 @@ Memory: everything is chunked over tokens (``chunk_size`` rows at a time, defaul
 gradients, never a ``[N, V]`` tensor. On CPU this is cheaper than recomputing the logits in backward: the
 teacher matmul is done once (see docs/kernels.md for the measurement).
 
-``kd_loss_naive`` / ``fused_linear_kd_loss_naive`` are the plain formula (materialised logits, autograd)
-used as the float64 ground truth in the tests and as the "naive" benchmark provider.
+The plain formula (materialised logits, autograd), used as the float64 ground truth in the tests and as the
+"naive" benchmark provider, is ``ddk_fast/ops/naive.py``: it is a transcription of the math above, not a
+second implementation of this chunked reference.
 """
 
 from __future__ import annotations
@@ -552,103 +553,3 @@ def kd_loss_reference(
         student_logits, teacher_logits.detach(), labels, domain_ids, p, chunk_size, need
     )
     return _out_from(res)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the naive formula: materialised logits + autograd (float64 ground truth, "naive" bench provider)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _kl_from_logprobs(la, lb):
-    """KL(a || b) per row from log-probabilities, 0 * log 0 = 0."""
-    a = la.exp()
-    return torch.where(a > 0, a * (la - lb), torch.zeros_like(a)).sum(-1)
-
-
-def kd_loss_naive(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    domain_ids: torch.Tensor | None = None,
-    num_domains: int = 0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    params: KDParams | None = None,
-    **extras,
-) -> KDOutput:
-    """The formula written out with autograd over all N x V logits at once, in the dtype of the inputs
-    (pass float64 tensors for the ground truth). Memory O(N x V): tests and the "naive" provider only."""
-    p = params or make_params(
-        divergence, beta, temperature, kd_weight, ce_weight, scale_by_t2, ignore_index, num_domains, **extras
-    )
-    n, v = student_logits.shape
-    s = student_logits
-    t = teacher_logits[:, :v].detach()
-    s = p.student_logit_scale * s
-    t = p.teacher_logit_scale * t
-    if p.student_softcap > 0:
-        s = p.student_softcap * torch.tanh(s / p.student_softcap)
-    if p.teacher_softcap > 0:
-        t = p.teacher_softcap * torch.tanh(t / p.teacher_softcap)
-    lq = torch.log_softmax(s / p.temperature, -1)
-    lp = torch.log_softmax(t / p.temperature, -1)
-    div = p.divergence
-    if div == "forward_kl":
-        d = _kl_from_logprobs(lp, lq)
-    elif div == "reverse_kl":
-        d = _kl_from_logprobs(lq, lp)
-    elif div == "jsd":
-        lm = torch.log(p.beta * lp.exp() + (1 - p.beta) * lq.exp())
-        d = p.beta * _kl_from_logprobs(lp, lm) + (1 - p.beta) * _kl_from_logprobs(lq, lm)
-    elif div == "skew_forward_kl":
-        lm = torch.log(p.skew_lambda * lp.exp() + (1 - p.skew_lambda) * lq.exp())
-        d = _kl_from_logprobs(lp, lm)
-    elif div == "skew_reverse_kl":
-        lm = torch.log(p.skew_lambda * lq.exp() + (1 - p.skew_lambda) * lp.exp())
-        d = _kl_from_logprobs(lq, lm)
-    else:  # total_variation
-        d = 0.5 * (lq.exp() - lp.exp()).abs().sum(-1)
-    valid = _valid_mask(labels, n, p.ignore_index, s.device)
-    if labels is not None:
-        ce = torch.nn.functional.cross_entropy(
-            s, labels.long(), ignore_index=p.ignore_index, reduction="none"
-        )
-    else:
-        ce = torch.zeros_like(d)
-    ce = torch.where(valid, ce, 0.0)
-    d = torch.where(valid, d, 0.0)
-    nv = valid.to(d.dtype).sum().clamp(min=1.0)
-    ce_m, kd_m = ce.sum() / nv, d.sum() / nv
-    loss = p.ce_weight * ce_m + p.kd_scale * kd_m
-    z = torch.zeros(p.num_domains, dtype=d.dtype, device=s.device)
-    dce, dkd, dtok = z.clone(), z.clone(), z.clone()
-    if domain_ids is not None and p.num_domains > 0:
-        dce = dce.index_add(0, domain_ids.long(), ce.detach())
-        dkd = dkd.index_add(0, domain_ids.long(), d.detach())
-        dtok = dtok.index_add(0, domain_ids.long(), valid.to(d.dtype))
-    return KDOutput(loss, ce_m.detach(), kd_m.detach(), dce, dkd, dtok)
-
-
-def fused_linear_kd_loss_naive(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    domain_ids: torch.Tensor | None = None,
-    compute_dtype: torch.dtype | None = torch.float32,
-    **kwargs,
-) -> KDOutput:
-    """Materialise both logits (``compute_dtype``, fp32 as TRL/torchtune do; None keeps the input dtype)
-    then :func:`kd_loss_naive`. ``kwargs`` as :func:`kd_loss_naive`."""
-    v = student_weight.shape[0]
-    dt = compute_dtype or student_hidden.dtype
-    s = student_hidden.to(dt) @ student_weight.to(dt).T
-    with torch.no_grad():
-        t = teacher_hidden.to(dt) @ teacher_weight[:v].to(dt).T
-    return kd_loss_naive(s, t, labels, domain_ids, **kwargs)
