@@ -1,7 +1,8 @@
 """The one place that chooses compute backends.
 
 Two choices live here:
-- the KD loss: ``triton`` (fused kernels in ``ddk_fast/kernels``) or ``torch`` (``ddk_fast/ops/reference.py``);
+- the KD loss: ``triton`` (fused kernels in ``ddk_fast/kernels``) or ``torch``
+  (``ddk_fast/ops/reference.py``);
 - the domain sampler: ``cpp`` (the optional ``ddk_fast._sampler_ext`` pybind11 extension) or ``numpy``.
 
 Rules (nanochat's pattern): an environment variable or an explicit argument overrides; ``auto`` picks the
@@ -38,13 +39,14 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when triton imports, else the reason (cached: importing triton is slow)."""
     try:
         importlib.import_module("triton")
     except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({exc.__class__.__name__}: {exc}); install it with `pip install triton`"
+        name = exc.__class__.__name__
+        return f"triton is not importable ({name}: {exc}); install it with `pip install triton`"
     return None
 
 
@@ -82,7 +84,7 @@ SAMPLER_EXT = "ddk_fast._sampler_ext"
 BUILD_HINT = "build it with `pip install -e .` (needs a C++ compiler and pybind11) or `make ext`"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sampler_ext_import_error() -> str | None:
     try:
         importlib.import_module(SAMPLER_EXT)

@@ -67,8 +67,9 @@ def _write_latest(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and
-                  not p.name.endswith(".tmp"))
+    done = sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+    )
     for old in done[:-keep_last]:
         shutil.rmtree(old)
 
@@ -87,8 +88,10 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
     params = dict(model.named_parameters())
     missing = [n for n in tensors if n not in params]
     if missing:
-        raise RuntimeError(f"checkpoint {path} does not match the model: unknown parameters {missing[:3]}; "
-                           "was it written by a run with another [model] section?")
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: unknown parameters {missing[:3]}; "
+            "was it written by a run with another [model] section?"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))

@@ -50,55 +50,77 @@ _nonneg_int = (lambda v: v >= 0, "an integer >= 0")
 class DomainConfig:
     """One training domain: local files (jsonl / json / parquet / txt) and the field holding the text."""
 
-    name: str = _opt("", "domain name (unique; used in logs, plots and the report)", lambda v: bool(v.strip()),
-                     "a non-empty name")
-    files: list[str] = _opt([], "local data files of this domain (.jsonl, .json, .parquet, .txt)",
-                            lambda v: len(v) > 0, "a non-empty list of file paths")
+    name: str = _opt(
+        "",
+        "domain name (unique; used in logs, plots and the report)",
+        lambda v: bool(v.strip()),
+        "a non-empty name",
+    )
+    files: list[str] = _opt(
+        [],
+        "local data files of this domain (.jsonl, .json, .parquet, .txt)",
+        lambda v: len(v) > 0,
+        "a non-empty list of file paths",
+    )
     text_field: str = _opt("text", "field holding the document text (ignored for .txt files)")
-    weight: float = _opt(1.0, "static mixing proportion (used when [ddk] mixing = \"static\")", *_nonneg)
+    weight: float = _opt(1.0, 'static mixing proportion (used when [ddk] mixing = "static")', *_nonneg)
 
 
 @dataclass
 class ModelConfig:
     teacher: str = _opt("", "local path of the teacher (a Hugging Face causal-LM folder)")
-    teacher_config: dict = _opt({}, "inline transformers config for a randomly initialised teacher (tests); "
-                                    "used when `teacher` is empty; needs model_type")
+    teacher_config: dict = _opt(
+        {},
+        "inline transformers config for a randomly initialised teacher (tests); "
+        "used when `teacher` is empty; needs model_type",
+    )
     student: str = _opt("", "local path of the student; empty = build it from the teacher (see next key)")
     student_from_teacher_layers: list[int] = _opt(
-        [], "build the student from the teacher keeping these decoder layers (DistilBERT-style init)")
+        [], "build the student from the teacher keeping these decoder layers (DistilBERT-style init)"
+    )
     student_config: dict = _opt({}, "inline transformers config for a randomly initialised student (tests)")
     tokenizer: str = _opt("", "tokenizer path; empty = the teacher's folder")
     student_mode: Literal["qlora", "lora", "full"] = _opt(
-        "qlora", "qlora: NF4 4-bit frozen base + LoRA; lora: LoRA on a full-precision base; full: all weights")
+        "qlora", "qlora: NF4 4-bit frozen base + LoRA; lora: LoRA on a full-precision base; full: all weights"
+    )
     lora_r: int = _opt(16, "LoRA rank", *_pos_int)
     lora_alpha: float = _opt(32.0, "LoRA alpha (scaling = alpha / r)", *_pos)
     lora_dropout: float = _opt(0.05, "LoRA dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
     lora_target_modules: list[str] = _opt(
-        ["all-linear"], "modules that get adapters; [\"all-linear\"] = every linear layer but the lm_head")
+        ["all-linear"], 'modules that get adapters; ["all-linear"] = every linear layer but the lm_head'
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = _opt(
-        "auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU")
-    attn_implementation: str = _opt("sdpa", "transformers attention implementation (sdpa, eager, "
-                                            "flash_attention_2 with the gpu extra)")
+        "auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU"
+    )
+    attn_implementation: str = _opt(
+        "sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2 with the gpu extra)"
+    )
     gradient_checkpointing: bool = _opt(False, "recompute student activations in backward to save memory")
 
 
 @dataclass
 class DataConfig:
-    domains: list[DomainConfig] = _opt([], "the domains, as [[data.domains]] tables", lambda v: len(v) >= 1,
-                                       "at least one [[data.domains]] table")
+    domains: list[DomainConfig] = _opt(
+        [],
+        "the domains, as [[data.domains]] tables",
+        lambda v: len(v) >= 1,
+        "at least one [[data.domains]] table",
+    )
     seq_len: int = _opt(256, "tokens per training sequence", *_pos_int)
     batch_size: int = _opt(8, "sequences per micro-batch", *_pos_int)
     val_sequences: int = _opt(16, "held-out validation sequences per domain (fixed, seeded)", *_pos_int)
     cache_dir: str = _opt(".cache/ddk_fast/shards", "where tokenised domain shards are cached")
     sampler_backend: Literal["auto", "cpp", "numpy"] = _opt(
-        "auto", "domain sampler backend: auto = C++ extension when built, else numpy")
+        "auto", "domain sampler backend: auto = C++ extension when built, else numpy"
+    )
     prefetch: int = _opt(2, "batches assembled ahead in a background thread (0 = off)", *_nonneg_int)
 
 
 @dataclass
 class DDKConfig:
     mixing: Literal["ddk", "uniform", "static"] = _opt(
-        "ddk", "ddk: DDK factor; uniform: equal domain weights; static: [[data.domains]] weight proportions")
+        "ddk", "ddk: DDK factor; uniform: equal domain weights; static: [[data.domains]] weight proportions"
+    )
     interval: int = _opt(1000, "K: steps between student re-evaluations / weight updates (DDK §3)", *_pos_int)
     alpha: float = _opt(0.5, "factor smooth-updating coefficient α of Eq. 2", *_unit)
     smoothing: bool = _opt(True, "false = recompute r from Eq. 1 every interval (the paper's ablation)")
@@ -108,7 +130,8 @@ class DDKConfig:
 @dataclass
 class LossConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _opt(
-        "forward_kl", "D(p_teacher, p_student): forward KL (DDK), reverse KL (MiniLLM) or generalised JSD")
+        "forward_kl", "D(p_teacher, p_student): forward KL (DDK), reverse KL (MiniLLM) or generalised JSD"
+    )
     beta: float = _opt(0.5, "JSD β (TRL convention: 0 = forward KL, 1 = reverse KL)", *_unit)
     temperature: float = _opt(1.0, "softmax temperature T of the KD term", *_pos)
     kd_weight: float = _opt(0.2, "γ: weight of the KD term (DDK Eq. 3)", *_nonneg)
@@ -128,8 +151,12 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)", *_nonneg)
     max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", *_pos_int)
     seed: int = _opt(0, "seed for models, sampler and validation split", *_nonneg_int)
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N", lambda v: v in ("auto", "cpu", "cuda")
-                       or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N")
+    device: str = _opt(
+        "auto",
+        "auto, cpu, cuda or cuda:N",
+        lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+        "auto, cpu, cuda or cuda:N",
+    )
     log_every: int = _opt(1, "steps between metrics.jsonl rows", *_pos_int)
 
 
@@ -168,8 +195,13 @@ def _type_name(tp) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return f"a list of ({_type_name(inner)})"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "a table",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(tp, value, path: str):
@@ -210,8 +242,11 @@ def _build(cls, raw: dict, prefix: str):
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}.{key}" if prefix else key, raw[key],
-                              f"no such key (known keys: {known})" if prefix else f"a section ({known})")
+            raise ConfigError(
+                f"{prefix}.{key}" if prefix else key,
+                raw[key],
+                f"no such key (known keys: {known})" if prefix else f"a section ({known})",
+            )
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -235,8 +270,9 @@ def build_config(raw: dict, check_paths: bool = True) -> RunConfig:
 def _exists(path: str, key: str, want_dir: bool = False) -> None:
     p = Path(path)
     if not p.exists():
-        raise ConfigError(key, path, "an existing " + ("folder" if want_dir else "file"),
-                          f"resolved to {p.resolve()}")
+        raise ConfigError(
+            key, path, "an existing " + ("folder" if want_dir else "file"), f"resolved to {p.resolve()}"
+        )
 
 
 def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
@@ -244,17 +280,19 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
     if not m.teacher and not m.teacher_config:
         raise ConfigError("model.teacher", m.teacher, "a teacher path (or an inline [model.teacher_config])")
     if m.teacher_config and "model_type" not in m.teacher_config:
-        raise ConfigError("model.teacher_config.model_type", None, "a transformers model type, e.g. \"llama\"")
+        raise ConfigError("model.teacher_config.model_type", None, 'a transformers model type, e.g. "llama"')
     if m.student_config and "model_type" not in m.student_config:
-        raise ConfigError("model.student_config.model_type", None, "a transformers model type, e.g. \"llama\"")
+        raise ConfigError("model.student_config.model_type", None, 'a transformers model type, e.g. "llama"')
     n_student_src = bool(m.student) + bool(m.student_from_teacher_layers) + bool(m.student_config)
     if n_student_src != 1:
-        raise ConfigError("model.student", m.student, "exactly one of student, student_from_teacher_layers, "
-                          "student_config")
+        raise ConfigError(
+            "model.student", m.student, "exactly one of student, student_from_teacher_layers, student_config"
+        )
     layers = m.student_from_teacher_layers
     if layers and (min(layers) < 0 or len(set(layers)) != len(layers) or layers != sorted(layers)):
-        raise ConfigError("model.student_from_teacher_layers", layers,
-                          "distinct, increasing layer indices >= 0")
+        raise ConfigError(
+            "model.student_from_teacher_layers", layers, "distinct, increasing layer indices >= 0"
+        )
     if m.tokenizer == "" and not m.teacher:
         raise ConfigError("model.tokenizer", m.tokenizer, "a tokenizer path when the teacher is inline")
     names = [dom.name for dom in d.domains]
@@ -262,8 +300,11 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
         if names.index(name) != i:
             raise ConfigError(f"data.domains[{i}].name", name, "a name not used by another domain")
     if cfg.ddk.mixing == "static" and sum(dom.weight for dom in d.domains) <= 0:
-        raise ConfigError("data.domains[0].weight", d.domains[0].weight,
-                          "static mixing needs at least one domain weight > 0")
+        raise ConfigError(
+            "data.domains[0].weight",
+            d.domains[0].weight,
+            "static mixing needs at least one domain weight > 0",
+        )
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
     if not check_paths:
@@ -278,7 +319,9 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
         for j, f in enumerate(dom.files):
             _exists(f, f"data.domains[{i}].files[{j}]")
             if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
-                raise ConfigError(f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file")
+                raise ConfigError(
+                    f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
+                )
 
 
 # ----------------------------------------------------------------------------------------------- overrides

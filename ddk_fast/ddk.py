@@ -29,8 +29,10 @@ def _ratio(student_losses, teacher_losses) -> torch.Tensor:
     s = _as_losses("student_losses", student_losses)
     t = _as_losses("teacher_losses", teacher_losses)
     if s.shape != t.shape:
-        raise ValueError(f"student_losses and teacher_losses: expected the same number of domains, "
-                         f"got {s.numel()} and {t.numel()}")
+        raise ValueError(
+            f"student_losses and teacher_losses: expected the same number of domains, "
+            f"got {s.numel()} and {t.numel()}"
+        )
     return torch.exp(s - t)  # perplexity ratio ℓ_S / ℓ_T
 
 
@@ -98,12 +100,14 @@ class DomainMixer:
         else:
             new = smooth_domain_weights(self.weights, student_losses, teacher_losses, self.alpha).tolist()
         self.weights = new
-        self.history.append({
-            "step": step,
-            "weights": list(new),
-            "student_loss": [float(x) for x in student_losses],
-            "teacher_loss": [float(x) for x in teacher_losses],
-        })
+        self.history.append(
+            {
+                "step": step,
+                "weights": list(new),
+                "student_loss": [float(x) for x in student_losses],
+                "teacher_loss": [float(x) for x in teacher_losses],
+            }
+        )
         return new
 
     def state_dict(self) -> dict:

@@ -47,7 +47,9 @@ def load_tokenizer(cfg: ModelConfig):
     path = cfg.tokenizer or cfg.teacher
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.eos_token_id is None:
-        raise ConfigError("model.tokenizer", path, "a tokenizer with an eos token (used as document separator)")
+        raise ConfigError(
+            "model.tokenizer", path, "a tokenizer with an eos token (used as document separator)"
+        )
     return tok
 
 
@@ -87,11 +89,17 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     decoder = teacher.get_decoder()
     blocks = getattr(decoder, "layers", None)
     if blocks is None:
-        raise ConfigError("model.student_from_teacher_layers", layers,
-                          f"a teacher whose decoder has a `layers` list ({type(decoder).__name__} has none)")
+        raise ConfigError(
+            "model.student_from_teacher_layers",
+            layers,
+            f"a teacher whose decoder has a `layers` list ({type(decoder).__name__} has none)",
+        )
     if max(layers) >= len(blocks):
-        raise ConfigError("model.student_from_teacher_layers", layers,
-                          f"layer indices < {len(blocks)} (the teacher's number of layers)")
+        raise ConfigError(
+            "model.student_from_teacher_layers",
+            layers,
+            f"layer indices < {len(blocks)} (the teacher's number of layers)",
+        )
     student = copy.deepcopy(teacher)
     student.get_decoder().layers = nn.ModuleList(student.get_decoder().layers[i] for i in layers)
     for new_idx, block in enumerate(student.get_decoder().layers):
@@ -122,8 +130,9 @@ def disable_bnb_cpu_repack(model: nn.Module) -> int:
     return n
 
 
-def load_student(cfg: ModelConfig, teacher: nn.Module, device: torch.device, dtype: torch.dtype,
-                 run_dir: Path, seed: int) -> nn.Module:
+def load_student(
+    cfg: ModelConfig, teacher: nn.Module, device: torch.device, dtype: torch.dtype, run_dir: Path, seed: int
+) -> nn.Module:
     """Build or load the student, quantise it (qlora) and attach adapters (qlora/lora)."""
     if cfg.student:
         path = cfg.student
@@ -145,10 +154,15 @@ def load_student(cfg: ModelConfig, teacher: nn.Module, device: torch.device, dty
             path = str(run_dir / "student_init")
             if not (Path(path) / "config.json").exists():
                 _from_config(cfg.student_config, "model.student_config", dtype, seed).save_pretrained(path)
-        bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        student = _load_pretrained(path, dtype, cfg.attn_implementation, quantization_config=bnb_cfg,
-                                   device_map={"": device})
+        bnb_cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        student = _load_pretrained(
+            path, dtype, cfg.attn_implementation, quantization_config=bnb_cfg, device_map={"": device}
+        )
         n = disable_bnb_cpu_repack(student)
         log.info("student: NF4 4-bit base (%d quantised linear layers, CPU repack disabled)", n)
     elif path is not None:
@@ -171,13 +185,20 @@ def _attach_lora(student: nn.Module, cfg: ModelConfig) -> nn.Module:
 
     targets = cfg.lora_target_modules
     target = "all-linear" if targets == ["all-linear"] else list(targets)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, task_type="CAUSAL_LM", bias="none")
+    lcfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     try:
         student = get_peft_model(student, lcfg)
     except ValueError as exc:
-        raise ConfigError("model.lora_target_modules", targets, f"module names present in the student ({exc})") \
-            from None
+        raise ConfigError(
+            "model.lora_target_modules", targets, f"module names present in the student ({exc})"
+        ) from None
     return student
 
 
@@ -188,24 +209,35 @@ def check_vocab(teacher: nn.Module, student: nn.Module, tokenizer) -> int:
     v_s = student.get_output_embeddings().weight.shape[0]
     n_tok = len(tokenizer)
     if v_s < n_tok:
-        raise ConfigError("model.student", v_s, f"a student vocabulary of at least the tokenizer's {n_tok} tokens")
+        raise ConfigError(
+            "model.student", v_s, f"a student vocabulary of at least the tokenizer's {n_tok} tokens"
+        )
     if v_t < v_s:
-        raise ConfigError("model.teacher", v_t, f"a teacher vocabulary of at least the student's {v_s} rows "
-                          "(teacher and student must share a tokenizer)")
+        raise ConfigError(
+            "model.teacher",
+            v_t,
+            f"a teacher vocabulary of at least the student's {v_s} rows "
+            "(teacher and student must share a tokenizer)",
+        )
     return v_s
 
 
 def check_student_tokenizer(cfg: ModelConfig, tokenizer) -> None:
     """A student folder that ships its own tokenizer must ship the teacher's: compare vocabularies."""
-    if not cfg.student or not any((Path(cfg.student) / f).exists()
-                                  for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not cfg.student or not any(
+        (Path(cfg.student) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         return
     from transformers import AutoTokenizer
 
     other = AutoTokenizer.from_pretrained(cfg.student, local_files_only=True)
     if other.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError("model.student", cfg.student, "a student with the teacher's tokenizer "
-                          f"(vocabularies differ: {len(other)} vs {len(tokenizer)} tokens)")
+        raise ConfigError(
+            "model.student",
+            cfg.student,
+            "a student with the teacher's tokenizer "
+            f"(vocabularies differ: {len(other)} vs {len(tokenizer)} tokens)",
+        )
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:

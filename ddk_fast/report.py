@@ -25,8 +25,9 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
         lines.append(f"- {k}: {v}")
     lines += [
         "",
-        "Validation cross-entropy (nats/token) on the fixed per-domain validation split; gap = student - teacher "
-        "at the end; weights are the DDK sampling weights used last; tokens are training tokens drawn.",
+        "Validation cross-entropy (nats/token) on the fixed per-domain validation split; "
+        "gap = student - teacher at the end; weights are the DDK sampling weights used last; "
+        "tokens are training tokens drawn.",
         "",
         f"| domain | teacher | student @ step {first['step']} | student @ step {last['step']} | change | gap "
         "| final weight | tokens | share |",
@@ -37,14 +38,32 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
         s0, s1 = first["student_loss"][i], last["student_loss"][i]
         w = f"{final_w[i]:.3f}" if final_w else "-"
         tok = result.tokens_per_domain[i] if result.tokens_per_domain else 0
-        lines.append(f"| {name} | {t:.3f} | {s0:.3f} | {s1:.3f} | {s1 - s0:+.3f} | {s1 - t:.3f} | {w} | "
-                     f"{tok:,} | {tok / total_tok:.1%} |")
+        lines.append(
+            f"| {name} | {t:.3f} | {s0:.3f} | {s1:.3f} | {s1 - s0:+.3f} | {s1 - t:.3f} | {w} | "
+            f"{tok:,} | {tok / total_tok:.1%} |"
+        )
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
-    lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}.", "",
-              "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
+    lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
+    if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
+        lines.append(_gap_following(result.weight_history, names))
+    lines += ["", "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _gap_following(history: list[dict], names: list[str]) -> str:
+    """Did each update give the most weight to the domain with the largest gap (student - teacher CE)?"""
+    hits = 0
+    for h in history:
+        gaps = [s - t for s, t in zip(h["student_loss"], h["teacher_loss"])]
+        widest = max(range(len(gaps)), key=gaps.__getitem__)
+        hits += widest == max(range(len(gaps)), key=h["weights"].__getitem__)
+    return (
+        f"Weight updates that gave the largest weight to the domain with the largest gap: "
+        f"{hits}/{len(history)} (with smoothing, Eq. 2 carries history, so a domain that just closed "
+        "its gap can keep weight for a while)."
+    )
 
 
 def _plt():
@@ -76,20 +95,30 @@ def _plot_weights(result: TrainResult, names: list[str], path: Path) -> None:
 
 
 def _plot_losses(result: TrainResult, names: list[str], path: Path) -> None:
+    """Left: student (solid) and teacher (dashed) validation CE per domain. Right: the gap student - teacher,
+    which is what DDK's factor reacts to (ℓ_S/ℓ_T = exp(gap)); domains at very different loss levels are
+    hard to compare on the left alone."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [h["step"] for h in result.eval_history]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, name in enumerate(names):
         c = colors[i % len(colors)]
-        ax.plot(steps, [h["student_loss"][i] for h in result.eval_history], "-o", ms=3, color=c,
-                label=f"{name} student")
+        student = [h["student_loss"][i] for h in result.eval_history]
+        ax.plot(steps, student, "-o", ms=3, color=c, label=f"{name} student")
         ax.axhline(result.teacher_losses[i], color=c, ls="--", lw=1, label=f"{name} teacher")
+        gx.plot(steps, [s - result.teacher_losses[i] for s in student], "-o", ms=3, color=c, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("validation CE (nats/token)")
-    ax.set_title("Per-domain validation loss: student (solid) vs teacher (dashed)")
+    ax.set_title("student (solid) vs teacher (dashed)")
     ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+    gx.set_xlabel("step")
+    gx.set_ylabel("student - teacher CE (nats/token)")
+    gx.set_title("gap per domain")
+    gx.axhline(0, color="black", lw=0.8)
+    gx.legend(fontsize=7)
+    for a in (ax, gx):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,11 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="python -m ddk_fast.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="run.toml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
 
     from .config import load_config
     from .errors import BackendUnavailableError, ConfigError
@@ -49,8 +56,11 @@ def run(cfg, resume: bool = False) -> int:
     except TrainingStopped as exc:
         log.error("%s", exc)
         return 3
-    report = write_report(result, trainer.names, {"loss backend": str(trainer.loss_backend),
-                                                  "sampler backend": str(trainer.sampler.backend)})
+    report = write_report(
+        result,
+        trainer.names,
+        {"loss backend": str(trainer.loss_backend), "sampler backend": str(trainer.sampler.backend)},
+    )
     log.info("report: %s", report)
     return 0
 

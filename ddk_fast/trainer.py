@@ -5,9 +5,10 @@ the loss from :func:`ddk_fast.fused_linear_kd_loss` (hidden states + lm_head wei
 logits exist), the domain weights from :class:`~ddk_fast.ddk.DomainMixer` (DDK §3), per-domain validation
 losses from :mod:`ddk_fast.evaluation`, persistence from :mod:`ddk_fast.checkpoint`.
 
-Schedule of one run (K = ``[ddk] interval``): at step 0 the teacher's per-domain validation losses are measured
-once (the teacher is frozen) and the student's too, giving r_0 (Eq. 1); every K steps the student is re-measured
-and the weights are smoothly updated (Eq. 2); the sampler draws the next K steps' sequences with those weights.
+Schedule of one run (K = ``[ddk] interval``): at step 0 the teacher's per-domain validation losses are
+measured once (the teacher is frozen) and the student's too, giving r_0 (Eq. 1); every K steps the student
+is re-measured and the weights are smoothly updated (Eq. 2); the sampler draws the next K steps' sequences
+with those weights.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ from .config import RunConfig, dump_toml
 from .ddk import DomainMixer
 from .evaluation import domain_losses
 from .losses import fused_linear_kd_loss
-from .models import (check_student_tokenizer, check_vocab, final_hidden, head_weight, load_student,
-                     load_teacher, load_tokenizer, resolve_dtype, trainable_parameters)
+from .models import (
+    check_student_tokenizer,
+    check_vocab,
+    final_hidden,
+    head_weight,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    resolve_dtype,
+    trainable_parameters,
+)
 
 log = logging.getLogger("ddk_fast")
 
@@ -131,36 +141,65 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         check_student_tokenizer(cfg.model, self.tokenizer)
         d = cfg.data
-        self.domains = prepare_domains(d.domains, self.tokenizer, d.cache_dir, seq_len=d.seq_len,
-                                       val_sequences=d.val_sequences, seed=cfg.train.seed)
+        self.domains = prepare_domains(
+            d.domains,
+            self.tokenizer,
+            d.cache_dir,
+            seq_len=d.seq_len,
+            val_sequences=d.val_sequences,
+            seed=cfg.train.seed,
+        )
         self.names = [dom.name for dom in self.domains]
         sep = self.tokenizer.eos_token_id
-        self.val_sets = [validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i)
-                         for i, dom in enumerate(self.domains)]
-        self.mixer = DomainMixer(len(self.domains), cfg.ddk.mixing, cfg.ddk.alpha, cfg.ddk.smoothing,
-                                 [dom.weight for dom in d.domains])
-        self.sampler = DomainSampler([dom.train for dom in self.domains], self.mixer.initial(),
-                                     seq_len=d.seq_len, batch_size=d.batch_size, sep_token_id=sep,
-                                     seed=cfg.train.seed, backend=d.sampler_backend)
+        self.val_sets = [
+            validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i)
+            for i, dom in enumerate(self.domains)
+        ]
+        self.mixer = DomainMixer(
+            len(self.domains),
+            cfg.ddk.mixing,
+            cfg.ddk.alpha,
+            cfg.ddk.smoothing,
+            [dom.weight for dom in d.domains],
+        )
+        self.sampler = DomainSampler(
+            [dom.train for dom in self.domains],
+            self.mixer.initial(),
+            seq_len=d.seq_len,
+            batch_size=d.batch_size,
+            sep_token_id=sep,
+            seed=cfg.train.seed,
+            backend=d.sampler_backend,
+        )
 
         self.teacher = load_teacher(cfg.model, self.device, self.dtype, cfg.train.seed)
-        self.student = load_student(cfg.model, self.teacher, self.device, self.dtype, self.run_dir,
-                                    cfg.train.seed)
+        self.student = load_student(
+            cfg.model, self.teacher, self.device, self.dtype, self.run_dir, cfg.train.seed
+        )
         self.vocab_size = check_vocab(self.teacher, self.student, self.tokenizer)
         self.loss_backend = resolve_loss_backend(cfg.loss.backend, self.device.type == "cuda")
         n_train, n_total = trainable_parameters(self.student)
-        log.info("device %s, dtype %s; student %s: %s trainable of %s parameters", self.device,
-                 str(self.dtype).replace("torch.", ""), cfg.model.student_mode, f"{n_train:,}", f"{n_total:,}")
+        log.info(
+            "device %s, dtype %s; student %s: %s trainable of %s parameters",
+            self.device,
+            str(self.dtype).replace("torch.", ""),
+            cfg.model.student_mode,
+            f"{n_train:,}",
+            f"{n_total:,}",
+        )
         log.info("loss backend: %s", self.loss_backend)
         log.info("sampler backend: %s", self.sampler.backend)
-        log.info("domains: %s", ", ".join(f"{dom.name} ({dom.train.num_tokens:,} train tokens)"
-                                           for dom in self.domains))
+        log.info(
+            "domains: %s",
+            ", ".join(f"{dom.name} ({dom.train.num_tokens:,} train tokens)" for dom in self.domains),
+        )
 
         params = [p for p in self.student.parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+            self.optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
         self.step = 0
         self.bad_in_a_row = 0
         self.bad_total = 0
@@ -183,8 +222,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.student, self.state(),
-                                    self.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(
+            self.run_dir / "checkpoints", self.step, self.student, self.state(), self.cfg.checkpoint.keep_last
+        )
         log.info("checkpoint: %s", path)
         return path
 
@@ -202,9 +242,6 @@ class Trainer:
         self.teacher_losses = state["teacher_losses"]
         self.bad_total = state["bad_total"]
         self.step = state["step"]
-        if self.mixer.weights:
-            self.sampler.set_weights(self.mixer.weights)
-            self.sampler.load_state_dict(state["sampler"])  # set_weights may restart counts: restore them
         ckpt.set_rng_state(state["rng"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s (step %d)", path, self.step)
@@ -214,10 +251,12 @@ class Trainer:
     def evaluate(self) -> list[float]:
         c = self.cfg
         if self.teacher_losses is None:  # the teacher is frozen: measured once (DDK §3 step 1)
-            self.teacher_losses = domain_losses(self.teacher, self.val_sets, self.device, self.vocab_size,
-                                                c.ddk.eval_batch_size)
-        student = domain_losses(self.student, self.val_sets, self.device, self.vocab_size,
-                                c.ddk.eval_batch_size)
+            self.teacher_losses = domain_losses(
+                self.teacher, self.val_sets, self.device, self.vocab_size, c.ddk.eval_batch_size
+            )
+        student = domain_losses(
+            self.student, self.val_sets, self.device, self.vocab_size, c.ddk.eval_batch_size
+        )
         self.eval_history.append({"step": self.step, "student_loss": student})
         gaps = ", ".join(f"{n} {s:.3f}/{t:.3f}" for n, s, t in zip(self.names, student, self.teacher_losses))
         log.info("step %d validation CE student/teacher: %s", self.step, gaps)
@@ -227,8 +266,11 @@ class Trainer:
         student = self.evaluate()
         weights = self.mixer.update(self.step, student, self.teacher_losses)
         self.sampler.set_weights(weights)
-        log.info("step %d domain weights: %s", self.step,
-                 ", ".join(f"{n} {w:.3f}" for n, w in zip(self.names, weights)))
+        log.info(
+            "step %d domain weights: %s",
+            self.step,
+            ", ".join(f"{n} {w:.3f}" for n, w in zip(self.names, weights)),
+        )
 
     # ------------------------------------------------------------------------------------------ step
     def _loss(self, batch: dict):
@@ -238,17 +280,28 @@ class Trainer:
         dom = torch.as_tensor(batch["domain_ids"], device=self.device).reshape(-1)
         with torch.no_grad():
             t_hidden = final_hidden(self.teacher, ids)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-                                  and self.dtype == torch.bfloat16)
+        autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.dtype == torch.bfloat16
+        )
         with autocast:
             s_hidden = final_hidden(self.student, ids)
         L = c.loss
         return fused_linear_kd_loss(
-            s_hidden.reshape(-1, s_hidden.shape[-1]), head_weight(self.student),
-            t_hidden.reshape(-1, t_hidden.shape[-1]), head_weight(self.teacher),
-            labels=labels, domain_ids=dom, num_domains=len(self.names), divergence=L.divergence, beta=L.beta,
-            temperature=L.temperature, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
-            scale_by_t2=L.scale_by_t2, backend=self.loss_backend.name)
+            s_hidden.reshape(-1, s_hidden.shape[-1]),
+            head_weight(self.student),
+            t_hidden.reshape(-1, t_hidden.shape[-1]),
+            head_weight(self.teacher),
+            labels=labels,
+            domain_ids=dom,
+            num_domains=len(self.names),
+            divergence=L.divergence,
+            beta=L.beta,
+            temperature=L.temperature,
+            kd_weight=L.kd_weight,
+            ce_weight=L.ce_weight,
+            scale_by_t2=L.scale_by_t2,
+            backend=self.loss_backend.name,
+        )
 
     def train_step(self, batches) -> dict | None:
         """One optimizer step over ``grad_accum`` micro-batches; None when the loss was not finite."""
@@ -269,8 +322,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         params = [p for p in self.student.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.train.max_grad_norm if c.train.max_grad_norm > 0
-                                                   else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -296,8 +350,13 @@ class Trainer:
         K = c.ddk.interval
         end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
         tokens_per_step = c.data.batch_size * c.data.seq_len * t.grad_accum
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not c.output.progress, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not c.output.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         t_start, tokens_done = time.perf_counter(), 0
         batches = self._batches()
         try:
@@ -311,25 +370,33 @@ class Trainer:
                 if row is None:
                     self.bad_in_a_row += 1
                     self.bad_total += 1
-                    log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step,
-                                self.bad_in_a_row)
+                    log.warning(
+                        "step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_in_a_row
+                    )
                     if self.bad_in_a_row >= t.max_bad_steps:
                         raise TrainingStopped(
                             f"{self.bad_in_a_row} consecutive non-finite losses at step {self.step}; "
-                            f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+                            f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
+                        )
                     continue
                 self.bad_in_a_row = 0
                 self.step += 1
                 dt = time.perf_counter() - t0
                 tokens_done += tokens_per_step
-                row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_step / dt,
-                           weights=list(self.sampler.weights), bad_steps=self.bad_total)
+                row.update(
+                    step=self.step,
+                    lr=self.scheduler.get_last_lr()[0],
+                    tokens_per_s=tokens_per_step / dt,
+                    weights=list(self.sampler.weights),
+                    bad_steps=self.bad_total,
+                )
                 if self.step % t.log_every == 0 or self.step == end:
                     self.metrics.write(row)
                 bar.update(1)
                 bar.set_postfix_str(
                     f"loss {row['loss']:.3f} ce {row['ce']:.3f} kd {row['kd']:.3f} "
-                    f"{row['tokens_per_s']:,.0f} tok/s w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]")
+                    f"{row['tokens_per_s']:,.0f} tok/s w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]"
+                )
                 if self.step % c.checkpoint.every == 0 and self.step < t.max_steps:
                     self.save()
         finally:
@@ -343,10 +410,16 @@ class Trainer:
             self.export()
         self.metrics.close()
         return TrainResult(
-            run_dir=self.run_dir, step=self.step, eval_history=self.eval_history,
-            weight_history=self.mixer.history, teacher_losses=self.teacher_losses or [],
-            bad_steps=self.bad_total, tokens_per_domain=list(map(int, self.sampler.tokens_per_domain)),
-            tokens_per_second=tokens_done / wall if wall > 0 else 0.0, wall_seconds=wall)
+            run_dir=self.run_dir,
+            step=self.step,
+            eval_history=self.eval_history,
+            weight_history=self.mixer.history,
+            teacher_losses=self.teacher_losses or [],
+            bad_steps=self.bad_total,
+            tokens_per_domain=list(map(int, self.sampler.tokens_per_domain)),
+            tokens_per_second=tokens_done / wall if wall > 0 else 0.0,
+            wall_seconds=wall,
+        )
 
     def _batches(self):
         d = self.cfg.data

@@ -1,4 +1,5 @@
-"""Config acceptance and rejection: every bad value is named with its key path, the value and what was expected."""
+"""Config acceptance and rejection: every bad value is named with its key path, the value and what was
+expected."""
 
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ BAD = [
     # (key to set, value, expected message fragment)
     ("loss.temperature", -1, r"\[loss\] temperature: expected a number > 0, got -1"),
     ("loss.temperature", "hot", r"\[loss\] temperature: expected a number, got 'hot'"),
-    ("loss.divergence", "kl", r"\[loss\] divergence: expected one of 'forward_kl', 'reverse_kl', 'jsd', got 'kl'"),
+    (
+        "loss.divergence",
+        "kl",
+        r"\[loss\] divergence: expected one of 'forward_kl', 'reverse_kl', 'jsd', got 'kl'",
+    ),
     ("loss.beta", 1.5, r"\[loss\] beta: expected a number in \[0, 1\], got 1.5"),
     ("loss.kd_weight", -0.1, r"\[loss\] kd_weight: expected a number >= 0"),
     ("loss.tempreature", 1.0, r"\[loss\] tempreature: expected no such key \(known keys: .*temperature"),
@@ -74,19 +79,30 @@ BAD = [
     ("data.domains", [], r"\[data\] domains: expected at least one \[\[data.domains\]\] table, got \[\]"),
     ("data.domains.1.name", "a", r"\[data.domains\[1\]\] name: expected a name not used by another domain"),
     ("data.domains.0.files", [], r"\[data.domains\[0\]\] files: expected a non-empty list of file paths"),
-    ("data.domains.0.files", ["/nonexistent/x.jsonl"],
-     r"\[data.domains\[0\].files\] 0|\[data.domains\[0\]\] files\[0\]: expected an existing file"),
+    (
+        "data.domains.0.files",
+        ["/nonexistent/x.jsonl"],
+        r"\[data.domains\[0\].files\] 0|\[data.domains\[0\]\] files\[0\]: expected an existing file",
+    ),
     ("data.domains.0.weight", -1, r"\[data.domains\[0\]\] weight: expected a number >= 0, got -1"),
     ("data.domains.0.colour", "red", r"\[data.domains\[0\]\] colour: expected no such key"),
     ("model.teacher", "/nonexistent/teacher", r"\[model\] teacher: expected an existing folder"),
     ("model.student_mode", "int8", r"\[model\] student_mode: expected one of 'qlora', 'lora', 'full'"),
     ("model.lora_r", 0, r"\[model\] lora_r: expected an integer >= 1, got 0"),
     ("model.lora_dropout", 1.0, r"\[model\] lora_dropout: expected a number in \[0, 1\)"),
-    ("model.student_from_teacher_layers", [3, 1], r"\[model\] student_from_teacher_layers: expected distinct, "
-                                                  r"increasing layer indices"),
+    (
+        "model.student_from_teacher_layers",
+        [3, 1],
+        r"\[model\] student_from_teacher_layers: expected distinct, "
+        r"increasing layer indices",
+    ),
     ("model.student", "/some/student", r"\[model\] student: expected exactly one of student, "),
     ("checkpoint.keep_last", 0, r"\[checkpoint\] keep_last: expected an integer >= 1, got 0"),
-    ("optimizer", {"lr": 1}, r"optimizer: expected a section \(checkpoint, data, ddk, loss, model, output, train\)"),
+    (
+        "optimizer",
+        {"lr": 1},
+        r"optimizer: expected a section \(checkpoint, data, ddk, loss, model, output, train\)",
+    ),
 ]
 
 
@@ -125,7 +141,10 @@ def test_overrides_parse_types_and_indices():
 def test_override_is_validated_like_the_file(good, tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(dump_toml(build_config(good)))
-    assert load_config(path, ["loss.temperature=3", "data.domains[1].weight=0.25"]).data.domains[1].weight == 0.25
+    assert (
+        load_config(path, ["loss.temperature=3", "data.domains[1].weight=0.25"]).data.domains[1].weight
+        == 0.25
+    )
     with pytest.raises(ConfigError, match=r"\[loss\] temperature: expected a number > 0, got 0"):
         load_config(path, ["loss.temperature=0"])
 
@@ -147,11 +166,18 @@ def test_cli_bad_config_exits_2_without_traceback_and_before_loading(good, tmp_p
     good["loss"]["temperature"] = -1
     path = tmp_path / "run.toml"
     # write the raw (invalid) TOML by hand: dump_toml only takes valid configs
-    path.write_text(f'[model]\nteacher = "{good["model"]["teacher"]}"\nstudent_from_teacher_layers = [0]\n'
-                    f'[[data.domains]]\nname = "a"\nfiles = {good["data"]["domains"][0]["files"]!r}\n'
-                    "[loss]\ntemperature = -1\n".replace("'", '"'))
-    proc = subprocess.run([sys.executable, "-m", "ddk_fast.train", "--config", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    path.write_text(
+        f'[model]\nteacher = "{good["model"]["teacher"]}"\nstudent_from_teacher_layers = [0]\n'
+        f'[[data.domains]]\nname = "a"\nfiles = {good["data"]["domains"][0]["files"]!r}\n'
+        "[loss]\ntemperature = -1\n".replace("'", '"')
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddk_fast.train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "[loss] temperature: expected a number > 0, got -1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -8,8 +8,14 @@ import torch
 
 from ddk_fast.config import ModelConfig
 from ddk_fast.errors import ConfigError
-from ddk_fast.models import (check_vocab, final_hidden, head_weight, load_student, load_teacher,
-                             student_from_teacher)
+from ddk_fast.models import (
+    check_vocab,
+    final_hidden,
+    head_weight,
+    load_student,
+    load_teacher,
+    student_from_teacher,
+)
 
 from .tiny import VOCAB, domain_texts, llama_config, make_tokenizer
 
@@ -23,8 +29,14 @@ def tokenizer(tmp_path_factory):
 
 
 def _student(tmp_path, mode="qlora", **kw):
-    cfg = ModelConfig(teacher_config=llama_config(**kw), student_from_teacher_layers=[0, 3], student_mode=mode,
-                      lora_r=4, lora_dropout=0.0, tokenizer="x")
+    cfg = ModelConfig(
+        teacher_config=llama_config(**kw),
+        student_from_teacher_layers=[0, 3],
+        student_mode=mode,
+        lora_r=4,
+        lora_dropout=0.0,
+        tokenizer="x",
+    )
     teacher = load_teacher(cfg, CPU, torch.float32, seed=0)
     return teacher, load_student(cfg, teacher, CPU, torch.float32, tmp_path, seed=0)
 

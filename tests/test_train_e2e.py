@@ -27,11 +27,22 @@ def assets(tmp_path_factory):
 def make_cfg(assets, run_dir, **over):
     root, files = assets
     raw = {
-        "model": {"teacher_config": llama_config(VOCAB + 16), "student_from_teacher_layers": [0, 3],
-                  "tokenizer": str(root / "tok"), "student_mode": "qlora", "lora_r": 4, "lora_dropout": 0.1},
-        "data": {"domains": [{"name": n, "files": [str(p)]} for n, p in files.items()],
-                 "seq_len": 32, "batch_size": 4, "val_sequences": 4, "cache_dir": str(root / "cache"),
-                 "prefetch": 2},
+        "model": {
+            "teacher_config": llama_config(VOCAB + 16),
+            "student_from_teacher_layers": [0, 3],
+            "tokenizer": str(root / "tok"),
+            "student_mode": "qlora",
+            "lora_r": 4,
+            "lora_dropout": 0.1,
+        },
+        "data": {
+            "domains": [{"name": n, "files": [str(p)]} for n, p in files.items()],
+            "seq_len": 32,
+            "batch_size": 4,
+            "val_sequences": 4,
+            "cache_dir": str(root / "cache"),
+            "prefetch": 2,
+        },
         "ddk": {"interval": 3, "eval_batch_size": 4},
         "train": {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "log_every": 1},
         "checkpoint": {"every": 3, "keep_last": 2},
