@@ -181,3 +181,9 @@ def test_cli_bad_config_exits_2_without_traceback_and_before_loading(good, tmp_p
     assert proc.returncode == 2
     assert "[loss] temperature: expected a number > 0, got -1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_readme_config_reference_is_current():
+    readme = (REPO / "README.md").read_text()
+    missing = [row for row in reference_markdown().splitlines() if row not in readme]
+    assert not missing, "README config reference is stale; regenerate with `python -m ddk_fast.config`"
