@@ -51,9 +51,9 @@ class TeacherSettings:
     max_position_embeddings: int = 512
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 320
+    steps: int = 500
     lr: float = 3e-3
-    warmup_steps: int = 16
+    warmup_steps: int = 25
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
