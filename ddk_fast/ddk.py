@@ -8,7 +8,6 @@ softmax of that ratio, and Eq. 2's product r_t · exp(ratio) becomes log r_t + r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +115,3 @@ class DomainMixer:
     def load_state_dict(self, state: dict) -> None:
         self.weights = list(state["weights"])
         self.history = list(state["history"])
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))

@@ -28,8 +28,9 @@ def tokenizer(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tok"), texts)
 
 
-def _student(tmp_path, mode="qlora", **kw):
+def _student(tmp_path, mode="qlora", checkpointing=False, **kw):
     cfg = ModelConfig(
+        gradient_checkpointing=checkpointing,
         teacher_config=llama_config(**kw),
         student_from_teacher_layers=[0, 3],
         student_mode=mode,
@@ -101,3 +102,16 @@ def test_padded_teacher_vocab_is_accepted_real_mismatch_is_not(tokenizer):
     small = load_teacher(ModelConfig(teacher_config=llama_config(VOCAB - 32)), CPU, torch.float32, 0)
     with pytest.raises(ConfigError, match=r"\[model\] student: expected a student vocabulary of at least"):
         check_vocab(teacher, small, tokenizer)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    _, plain = _student(tmp_path / "plain")
+    _, ckpt = _student(tmp_path / "ckpt", checkpointing=True)
+    assert ckpt.is_gradient_checkpointing
+    adapters = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    assert not ckpt.load_state_dict(adapters, strict=False).unexpected_keys  # same LoRA init
+    g_plain, g_ckpt = _grads(plain, ids), _grads(ckpt, ids)
+    assert g_plain.keys() == g_ckpt.keys()
+    for name, g in g_plain.items():
+        assert torch.allclose(g_ckpt[name], g, rtol=1e-5, atol=1e-7), name
