@@ -129,10 +129,15 @@ class DDKConfig:
 
 @dataclass
 class LossConfig:
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _opt(
-        "forward_kl", "D(p_teacher, p_student): forward KL (DDK), reverse KL (MiniLLM) or generalised JSD"
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "total_variation"
+    ] = _opt(
+        "forward_kl",
+        "D(p_teacher, p_student): forward KL (DDK), reverse KL (MiniLLM), generalised JSD (GKD), "
+        "skew forward / reverse KL (DistiLLM) or total variation",
     )
     beta: float = _opt(0.5, "JSD β (TRL convention: 0 = forward KL, 1 = reverse KL)", *_unit)
+    skew_lambda: float = _opt(0.1, "λ of the skew KLs (DistiLLM uses 0.1)", *_unit)
     temperature: float = _opt(1.0, "softmax temperature T of the KD term", *_pos)
     kd_weight: float = _opt(0.2, "γ: weight of the KD term (DDK Eq. 3)", *_nonneg)
     ce_weight: float = _opt(1.0, "weight of the next-token cross-entropy term", *_nonneg)

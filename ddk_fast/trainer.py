@@ -296,6 +296,7 @@ class Trainer:
             num_domains=len(self.names),
             divergence=L.divergence,
             beta=L.beta,
+            skew_lambda=L.skew_lambda,
             temperature=L.temperature,
             kd_weight=L.kd_weight,
             ce_weight=L.ce_weight,

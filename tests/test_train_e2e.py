@@ -47,6 +47,7 @@ def make_cfg(assets, run_dir, **over):
         "train": {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "log_every": 1},
         "checkpoint": {"every": 3, "keep_last": 2},
         "output": {"dir": str(run_dir), "progress": False, "tensorboard": False},
+        "loss": {},
     }
     for key, value in over.items():
         section, name = key.split("__")
@@ -145,3 +146,20 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(assets, tmp_path, monk
     assert ckpt.latest_checkpoint(root).name == "step_00000003"
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(root), t.student)
     assert state["step"] == 3
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "skew_forward_kl", "total_variation"])
+def test_every_configured_divergence_trains(assets, tmp_path, divergence):
+    cfg = make_cfg(
+        assets,
+        tmp_path / divergence,
+        loss__divergence=divergence,
+        train__max_steps=2,
+        ddk__interval=2,
+        checkpoint__every=2,
+    )
+    t = Trainer(cfg)
+    t.setup()
+    t.fit()
+    rows = _rows(tmp_path / divergence)
+    assert len(rows) == 2 and all(r["kd"] > 0 and r["kd"] == r["kd"] for r in rows)
