@@ -1,4 +1,5 @@
-"""pytest set-up for ``pytest bench/``: collect ``bench_*.py`` files, a ``device`` fixture, markers.
+"""pytest set-up for ``pytest bench/``: collect ``bench_*.py`` files and a ``device`` fixture (the markers
+are registered in pyproject.toml).
 
 ``bench_*.py`` is not in pytest's default ``python_files``; the hook below collects them without touching the
 project's pytest configuration. Functions inside are ordinary ``test_*`` functions using the ``benchmark``
@@ -25,11 +26,6 @@ def pytest_collect_file(file_path, parent):
     ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 
 
 @pytest.fixture

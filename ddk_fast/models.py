@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,15 +23,6 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 log = logging.getLogger("ddk_fast")
-
-
-@dataclass
-class LoadedModels:
-    teacher: nn.Module
-    student: nn.Module
-    tokenizer: object
-    vocab_size: int  # rows of the student head (the teacher's extra rows, if any, are padding)
-    dtype: torch.dtype
 
 
 def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -14,23 +14,14 @@ registers and touch no memory.
 
 Launcher helpers: ``_blocks`` picks (BLOCK_N, BLOCK_V, BLOCK_K, num_warps), ``_dot_precision`` the ``tl.dot``
 precision (tf32 only where torch allows it for fp32 matmuls), ``_upcast`` whether bf16/fp16 tiles are
-upcast to fp32 before the dot (the interpreter's bf16 ``tl.dot`` is wrong). ``DIV_CODES`` maps divergence
-names to the ``DIV`` constexpr of the kernels.
+upcast to fp32 before the dot (the interpreter's bf16 ``tl.dot`` is wrong).
+(``ops/fused_linear_kd.py`` maps divergence names to the kernels' ``DIV`` constexpr.)
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-DIV_CODES = {
-    "forward_kl": 0,
-    "reverse_kl": 1,
-    "jsd": 2,
-    "skew_forward_kl": 3,
-    "skew_reverse_kl": 4,
-    "total_variation": 5,
-}
 
 
 @triton.jit

@@ -15,16 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import KDOutput, KDParams
+from .reference import DIVERGENCES, KDOutput, KDParams
 
-DIV_CODES = {
-    "forward_kl": 0,
-    "reverse_kl": 1,
-    "jsd": 2,
-    "skew_forward_kl": 3,
-    "skew_reverse_kl": 4,
-    "total_variation": 5,
-}
+# the kernels' ``DIV`` constexpr: the position in DIVERGENCES (0 forward KL ... 5 total variation)
+DIV_CODES = {name: code for code, name in enumerate(DIVERGENCES)}
 
 
 @torch.library.custom_op("ddk_fast::kd_fwd", mutates_args=())
