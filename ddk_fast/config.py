@@ -108,7 +108,20 @@ class DataConfig:
     )
     seq_len: int = _opt(256, "tokens per training sequence", *_pos_int)
     batch_size: int = _opt(8, "sequences per micro-batch", *_pos_int)
-    val_sequences: int = _opt(16, "held-out validation sequences per domain (fixed, seeded)", *_pos_int)
+    val_sequences: int = _opt(
+        16, "validation sequences per domain (fixed, seeded; DDK steers on them)", *_pos_int
+    )
+    test_sequences: int = _opt(
+        0,
+        "test sequences per domain (whole documents disjoint from train and val; reported at the end, "
+        "never steers anything); 0 = as many as val_sequences",
+        *_nonneg_int,
+    )
+    split_seed: int = _opt(
+        0,
+        "seed of the val/test document selection (kept apart from train.seed: fixed held-out sets)",
+        *_nonneg_int,
+    )
     cache_dir: str = _opt(".cache/ddk_fast/shards", "where tokenised domain shards are cached")
     sampler_backend: Literal["auto", "cpp", "numpy"] = _opt(
         "auto", "domain sampler backend: auto = C++ extension when built, else numpy"
@@ -124,6 +137,24 @@ class DDKConfig:
     interval: int = _opt(1000, "K: steps between student re-evaluations / weight updates (DDK §3)", *_pos_int)
     alpha: float = _opt(0.5, "factor smooth-updating coefficient α of Eq. 2", *_unit)
     smoothing: bool = _opt(True, "false = recompute r from Eq. 1 every interval (the paper's ablation)")
+    factor: Literal["paper", "excess_loss"] = _opt(
+        "paper",
+        "paper: Eq. 1/2 exactly, softmax of perplexity ratios exp(CE_S - CE_T); excess_loss: softmax of the "
+        "gap (CE_S - CE_T) / factor_temperature with the (1 - alpha)/N floor from r_0 on (robust to gaps of "
+        "several nats, where the paper's factor turns one-hot)",
+    )
+    factor_temperature: float = _opt(
+        1.0,
+        "τ of the excess_loss factor, in nats (larger = flatter)",
+        lambda v: v >= 0.01,
+        "a number >= 0.01",
+    )
+    max_weight: float = _opt(
+        1.0,
+        "cap on any one domain's weight (1 = no cap; at least 1/N)",
+        lambda v: 0 < v <= 1,
+        "a number in (0, 1]",
+    )
     eval_batch_size: int = _opt(8, "sequences per validation forward pass", *_pos_int)
 
 
@@ -309,6 +340,12 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
             "data.domains[0].weight",
             d.domains[0].weight,
             "static mixing needs at least one domain weight > 0",
+        )
+    if cfg.ddk.max_weight * len(d.domains) < 1.0:
+        raise ConfigError(
+            "ddk.max_weight",
+            cfg.ddk.max_weight,
+            f"at least 1/N = {1 / len(d.domains):.4f} for {len(d.domains)} domains (weights sum to 1)",
         )
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")

@@ -8,11 +8,20 @@ softmax of that ratio, and Eq. 2's product r_t · exp(ratio) becomes log r_t + r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["domain_discrepancy", "smooth_domain_weights", "DomainMixer"]
+__all__ = [
+    "domain_discrepancy",
+    "smooth_domain_weights",
+    "excess_loss_discrepancy",
+    "smooth_excess_loss_weights",
+    "DomainMixer",
+]
+
+COLLAPSE_WEIGHT = 0.9  # a weight above this is reported as a collapse of the factor onto one domain
 
 
 def _as_losses(name: str, x) -> torch.Tensor:
@@ -24,7 +33,7 @@ def _as_losses(name: str, x) -> torch.Tensor:
     return t
 
 
-def _ratio(student_losses, teacher_losses) -> torch.Tensor:
+def _gaps(student_losses, teacher_losses) -> torch.Tensor:
     s = _as_losses("student_losses", student_losses)
     t = _as_losses("teacher_losses", teacher_losses)
     if s.shape != t.shape:
@@ -32,7 +41,11 @@ def _ratio(student_losses, teacher_losses) -> torch.Tensor:
             f"student_losses and teacher_losses: expected the same number of domains, "
             f"got {s.numel()} and {t.numel()}"
         )
-    return torch.exp(s - t)  # perplexity ratio ℓ_S / ℓ_T
+    return s - t  # excess loss in nats; the paper's ratio is exp of it
+
+
+def _ratio(student_losses, teacher_losses) -> torch.Tensor:
+    return torch.exp(_gaps(student_losses, teacher_losses))  # perplexity ratio ℓ_S / ℓ_T
 
 
 def domain_discrepancy(student_losses, teacher_losses) -> torch.Tensor:
@@ -57,24 +70,95 @@ def smooth_domain_weights(previous, student_losses, teacher_losses, alpha: float
         [N] float64 tensor of new weights summing to 1.
     """
     ratio = _ratio(student_losses, teacher_losses)
-    prev = torch.as_tensor(previous, dtype=torch.float64).detach().flatten()
-    if prev.shape != ratio.shape:
-        raise ValueError(f"previous: expected {ratio.numel()} domain weights, got {prev.numel()}")
-    if not (torch.isfinite(prev).all() and (prev >= 0).all() and prev.sum() > 0):
-        raise ValueError(f"previous: expected non-negative weights with a positive sum, got {prev.tolist()}")
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
-    log_psi = torch.log(prev / prev.sum()) + ratio
+    return _smooth(previous, ratio, alpha)
+
+
+def _smooth(previous, log_factor: torch.Tensor, alpha: float) -> torch.Tensor:
+    """r_{t+1} = α · norm(r_t · exp(log_factor)) + (1 − α)/N, in log space."""
+    prev = torch.as_tensor(previous, dtype=torch.float64).detach().flatten()
+    if prev.shape != log_factor.shape:
+        raise ValueError(f"previous: expected {log_factor.numel()} domain weights, got {prev.numel()}")
+    if not (torch.isfinite(prev).all() and (prev >= 0).all() and prev.sum() > 0):
+        raise ValueError(f"previous: expected non-negative weights with a positive sum, got {prev.tolist()}")
+    log_psi = torch.log(prev / prev.sum()) + log_factor
     psi = torch.exp(log_psi - torch.logsumexp(log_psi, dim=0))
-    return alpha * psi + (1.0 - alpha) / ratio.numel()
+    return alpha * psi + (1.0 - alpha) / log_factor.numel()
+
+
+def _check_alpha_tau(alpha: float, temperature: float) -> None:
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
+    if not (math.isfinite(temperature) and temperature >= 0.01):
+        raise ValueError(f"temperature: expected a number >= 0.01 (nats), got {temperature}")
+
+
+def cap_weights(weights: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Clip every weight to ``max_weight`` and give the excess to the others in proportion (water-filling).
+
+    ``max_weight >= 1`` is no cap; ``max_weight`` must be at least 1/N (else no distribution fits)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).clone()
+    n = w.numel()
+    if max_weight >= 1.0:
+        return w
+    if max_weight * n < 1.0 - 1e-12:
+        raise ValueError(
+            f"max_weight: expected at least 1/N = {1.0 / n:.4f} for {n} domains, got {max_weight}"
+        )
+    for _ in range(n):  # at most n rounds: each fixes at least one more domain at the cap
+        over = w > max_weight
+        if not over.any():
+            break
+        excess = float((w[over] - max_weight).sum())
+        w[over] = max_weight
+        free = ~over & (w < max_weight)
+        if free.any():
+            w[free] += excess * w[free] / w[free].sum() if w[free].sum() > 0 else excess / int(free.sum())
+    return w / w.sum()
+
+
+def excess_loss_discrepancy(student_losses, teacher_losses, alpha: float = 0.5, temperature: float = 1.0):
+    """The robust domain factor (ddk_fast's default), r_0 of the ``excess_loss`` factor:
+
+        r_0[i] = α · softmax_i((CE_S[i] − CE_T[i]) / τ) + (1 − α) / N
+
+    For small gaps g, the paper's exp(g) ≈ 1 + g, so softmax over g (τ = 1) is Eq. 1 up to O(g²); for
+    gaps of several nats Eq. 1's softmax over exp(g) turns one-hot, this one does not. The uniform floor
+    (1 − α)/N is applied from the first interval on (Eq. 2 only adds it from the second).
+
+    Args:
+        student_losses, teacher_losses: [N] per-domain mean cross-entropy (nats).
+        alpha: weight of the factor against the uniform floor, in [0, 1].
+        temperature: τ in nats (>= 0.01); larger is flatter.
+    Returns:
+        [N] float64 weights summing to 1.
+    """
+    _check_alpha_tau(alpha, temperature)
+    g = _gaps(student_losses, teacher_losses)
+    return alpha * torch.softmax(g / temperature, dim=0) + (1.0 - alpha) / g.numel()
+
+
+def smooth_excess_loss_weights(
+    previous, student_losses, teacher_losses, alpha: float = 0.5, temperature: float = 1.0
+) -> torch.Tensor:
+    """Eq. 2's smooth update with the excess-loss factor: ψ = r_t · exp((CE_S − CE_T)/τ),
+    r_{t+1} = α ψ/Σψ + (1 − α)/N (a multiplicative-weights step on the gap, in log space)."""
+    _check_alpha_tau(alpha, temperature)
+    return _smooth(previous, _gaps(student_losses, teacher_losses) / temperature, alpha)
 
 
 @dataclass
 class DomainMixer:
     """The trainer's domain-weight policy: DDK (with or without smoothing), uniform or static.
 
-    ``update(student_losses, teacher_losses)`` is called at step 0 and every K steps with fresh validation
-    losses; it returns the weights for the next K steps and records them in ``history``.
+    ``update(step, student_losses, teacher_losses)`` is called at step 0 and every K steps with fresh
+    validation losses; it returns the weights for the next K steps and records them in ``history``.
+
+    DDK factors: ``"paper"`` is Eq. 1 / Eq. 2 exactly (softmax of perplexity ratios exp(CE_S − CE_T));
+    ``"excess_loss"`` uses the gap CE_S − CE_T over a temperature, with the uniform floor from r_0 on.
+    ``max_weight`` < 1 caps any one domain's weight (either factor). ``collapsed`` is True when the last
+    update gave one domain more than ``COLLAPSE_WEIGHT``.
     """
 
     num_domains: int
@@ -82,6 +166,9 @@ class DomainMixer:
     alpha: float = 0.5
     smoothing: bool = True
     static_weights: list[float] | None = None
+    factor: str = "paper"
+    factor_temperature: float = 1.0
+    max_weight: float = 1.0
     weights: list[float] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -91,13 +178,24 @@ class DomainMixer:
             return (w / w.sum()).tolist()
         return [1.0 / self.num_domains] * self.num_domains
 
+    def _factor(self, student_losses, teacher_losses) -> torch.Tensor:
+        first = not self.weights or not self.smoothing
+        if self.factor == "paper":
+            if first:
+                return domain_discrepancy(student_losses, teacher_losses)  # r_0 (Eq. 1)
+            return smooth_domain_weights(self.weights, student_losses, teacher_losses, self.alpha)
+        if self.factor == "excess_loss":
+            tau = self.factor_temperature
+            if first:
+                return excess_loss_discrepancy(student_losses, teacher_losses, self.alpha, tau)
+            return smooth_excess_loss_weights(self.weights, student_losses, teacher_losses, self.alpha, tau)
+        raise ValueError(f"factor: expected 'paper' or 'excess_loss', got {self.factor!r}")
+
     def update(self, step: int, student_losses, teacher_losses) -> list[float]:
         if self.mode != "ddk":
             new = self.initial()
-        elif not self.weights or not self.smoothing:
-            new = domain_discrepancy(student_losses, teacher_losses).tolist()  # r_0 (Eq. 1)
         else:
-            new = smooth_domain_weights(self.weights, student_losses, teacher_losses, self.alpha).tolist()
+            new = cap_weights(self._factor(student_losses, teacher_losses), self.max_weight).tolist()
         self.weights = new
         self.history.append(
             {
@@ -108,6 +206,10 @@ class DomainMixer:
             }
         )
         return new
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.weights) and len(self.weights) > 1 and max(self.weights) > COLLAPSE_WEIGHT
 
     def state_dict(self) -> dict:
         return {"weights": list(self.weights), "history": list(self.history)}

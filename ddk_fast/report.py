@@ -23,25 +23,42 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
     ]
     for k, v in (extra or {}).items():
         lines.append(f"- {k}: {v}")
+    test = bool(result.test_losses)
     lines += [
         "",
-        "Validation cross-entropy (nats/token) on the fixed per-domain validation split; "
-        "gap = student - teacher at the end; weights are the DDK sampling weights used last; "
-        "tokens are training tokens drawn.",
+        "Cross-entropy in nats/token. *val* is the fixed per-domain validation split DDK measures to set "
+        "the weights; *test* is a disjoint held-out split of whole documents, scored once after the last "
+        "step, that never steers anything: judge the student by the test columns. gap = student - teacher; "
+        "weight = the DDK sampling weight used last; tokens = training tokens drawn.",
         "",
-        f"| domain | teacher | student @ step {first['step']} | student @ step {last['step']} | change | gap "
-        "| final weight | tokens | share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| domain | teacher val | student val @ {first['step']} | student val @ {last['step']} | "
+        + ("teacher test | student test | test gap " if test else "val gap ")
+        + "| final weight | tokens | share |",
+        "|---|---|---|---|---|" + ("---|---|" if test else "") + "---|---|---|",
     ]
     for i, name in enumerate(names):
         t = result.teacher_losses[i]
         s0, s1 = first["student_loss"][i], last["student_loss"][i]
         w = f"{final_w[i]:.3f}" if final_w else "-"
         tok = result.tokens_per_domain[i] if result.tokens_per_domain else 0
+        if test:
+            tt, st = result.teacher_test_losses[i], result.test_losses[i]
+            cols = f"{tt:.3f} | {st:.3f} | {st - tt:.3f}"
+        else:
+            cols = f"{s1 - t:.3f}"
         lines.append(
-            f"| {name} | {t:.3f} | {s0:.3f} | {s1:.3f} | {s1 - s0:+.3f} | {s1 - t:.3f} | {w} | "
-            f"{tok:,} | {tok / total_tok:.1%} |"
+            f"| {name} | {t:.3f} | {s0:.3f} | {s1:.3f} | {cols} | {w} | {tok:,} | {tok / total_tok:.1%} |"
         )
+    if test:
+        gaps = [s - t for s, t in zip(result.test_losses, result.teacher_test_losses)]
+        lines += ["", f"Test gap: mean {sum(gaps) / len(gaps):.3f}, worst {max(gaps):.3f} nats/token."]
+    if result.collapsed_updates:
+        lines += [
+            "",
+            f"**Warning:** {result.collapsed_updates} weight update(s) gave one domain more than 0.9 of the "
+            "mix (the factor collapsed). With large student-teacher gaps use `[ddk] factor = "
+            '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
+        ]
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .backend import resolve_loss_backend
 from .config import RunConfig, dump_toml
-from .ddk import DomainMixer
+from .ddk import COLLAPSE_WEIGHT, DomainMixer
 from .evaluation import domain_losses
 from .losses import fused_linear_kd_loss
 from .models import (
@@ -59,6 +59,10 @@ class TrainResult:
     tokens_per_domain: list[int] = field(default_factory=list)
     tokens_per_second: float = 0.0
     wall_seconds: float = 0.0
+    # end of run, on the test split (never seen by DDK): student and teacher mean CE per domain
+    test_losses: list[float] = field(default_factory=list)
+    teacher_test_losses: list[float] = field(default_factory=list)
+    collapsed_updates: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,12 +151,18 @@ class Trainer:
             d.cache_dir,
             seq_len=d.seq_len,
             val_sequences=d.val_sequences,
-            seed=cfg.train.seed,
+            test_sequences=d.test_sequences or d.val_sequences,
+            seed=d.split_seed,
         )
         self.names = [dom.name for dom in self.domains]
         sep = self.tokenizer.eos_token_id
         self.val_sets = [
             validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i)
+            for i, dom in enumerate(self.domains)
+        ]
+        # the test split is packed here but only scored after the last step: it never steers DDK
+        self.test_sets = [
+            validation_batches(dom.test, d.seq_len, d.test_sequences or d.val_sequences, sep, i)
             for i, dom in enumerate(self.domains)
         ]
         self.mixer = DomainMixer(
@@ -161,6 +171,9 @@ class Trainer:
             cfg.ddk.alpha,
             cfg.ddk.smoothing,
             [dom.weight for dom in d.domains],
+            factor=cfg.ddk.factor,
+            factor_temperature=cfg.ddk.factor_temperature,
+            max_weight=cfg.ddk.max_weight,
         )
         self.sampler = DomainSampler(
             [dom.train for dom in self.domains],
@@ -271,6 +284,28 @@ class Trainer:
             self.step,
             ", ".join(f"{n} {w:.3f}" for n, w in zip(self.names, weights)),
         )
+        if self.mixer.collapsed:
+            top = max(range(len(weights)), key=weights.__getitem__)
+            log.warning(
+                "step %d: the DDK factor collapsed onto domain %s (weight %.3f > %.1f): the next %d steps "
+                "train almost only on it. With large student-teacher gaps prefer [ddk] factor = "
+                '"excess_loss" (or a larger factor_temperature, or max_weight < 1).',
+                self.step,
+                self.names[top],
+                weights[top],
+                COLLAPSE_WEIGHT,
+                self.cfg.ddk.interval,
+            )
+
+    def evaluate_test(self) -> tuple[list[float], list[float]]:
+        """Student and teacher mean CE per domain on the test split (reported only; never steers)."""
+        c = self.cfg
+        args = (self.test_sets, self.device, self.vocab_size, c.ddk.eval_batch_size)
+        teacher = domain_losses(self.teacher, *args)
+        student = domain_losses(self.student, *args)
+        gaps = ", ".join(f"{n} {s:.3f}/{t:.3f}" for n, s, t in zip(self.names, student, teacher))
+        log.info("step %d test CE student/teacher: %s", self.step, gaps)
+        return student, teacher
 
     # ------------------------------------------------------------------------------------------ step
     def _loss(self, batch: dict):
@@ -404,9 +439,11 @@ class Trainer:
             batches.close()
             bar.close()
         wall = time.perf_counter() - t_start
+        test_losses, teacher_test = [], []
         if self.step >= t.max_steps:
             if not self.eval_history or self.eval_history[-1]["step"] != self.step:
                 self.evaluate()
+            test_losses, teacher_test = self.evaluate_test()
             self.save()
             self.export()
         self.metrics.close()
@@ -420,6 +457,11 @@ class Trainer:
             tokens_per_domain=list(map(int, self.sampler.tokens_per_domain)),
             tokens_per_second=tokens_done / wall if wall > 0 else 0.0,
             wall_seconds=wall,
+            test_losses=test_losses,
+            teacher_test_losses=teacher_test,
+            collapsed_updates=sum(
+                len(h["weights"]) > 1 and max(h["weights"]) > COLLAPSE_WEIGHT for h in self.mixer.history
+            ),
         )
 
     def _batches(self):

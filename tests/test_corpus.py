@@ -62,7 +62,7 @@ def files(tmp_path):
 
 
 def _all_docs(pd):
-    return sorted(tuple(s.doc(i).tolist()) for s in (pd.train, pd.val) for i in range(s.num_docs))
+    return sorted(tuple(s.doc(i).tolist()) for s in (pd.train, pd.val, pd.test) for i in range(s.num_docs))
 
 
 def test_prepare_tokenises_and_splits(tmp_path, files, tokenizer):
@@ -71,10 +71,36 @@ def test_prepare_tokenises_and_splits(tmp_path, files, tokenizer):
     texts = {"web": _texts(0, 60), "code": _texts(1, 50), "books": _texts(2, 40)}
     for p in out:
         expected = sorted(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts[p.name])
-        assert _all_docs(p) == expected  # every document exactly once, in train or val; no special tokens
+        assert _all_docs(p) == expected  # every document exactly once, in train, val or test; no specials
         assert p.val.num_tokens + p.val.num_docs >= 3 * 17  # whole documents covering the validation need
+        assert p.test.num_tokens + p.test.num_docs >= 3 * 17  # test_sequences defaults to val_sequences
         assert p.train.num_docs > 0 and not p.reused
         assert p.train.dtype == np.uint16 and p.train.meta["split"] == "train"
+
+
+def test_val_and_test_are_disjoint_whole_document_sets(tmp_path, files, tokenizer):
+    """train / val / test partition the documents (by position in the source), sized by their settings."""
+    out = prepare_domains(
+        files[:1], tokenizer, tmp_path / "cache", seq_len=16, val_sequences=2, test_sequences=5, seed=3
+    )[0]
+    docs = {
+        split: [tuple(sh.doc(i).tolist()) for i in range(sh.num_docs)]
+        for split, sh in (("train", out.train), ("val", out.val), ("test", out.test))
+    }
+    all_docs = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in _texts(0, 60)]
+    # the generated documents are distinct, so set identity is document identity
+    assert len(set(all_docs)) == len(all_docs)
+    sets = {k: set(v) for k, v in docs.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"])
+    assert not (sets["val"] & sets["test"])
+    assert sets["train"] | sets["val"] | sets["test"] == set(all_docs)
+    assert out.test.num_tokens + out.test.num_docs >= 5 * 17 > out.val.num_tokens + out.val.num_docs
+    assert out.test.meta["split"] == "test"
+    # the val split depends only on its own size and the seed, not on test_sequences
+    other = prepare_domains(
+        files[:1], tokenizer, tmp_path / "c2", seq_len=16, val_sequences=2, test_sequences=1, seed=3
+    )[0]
+    np.testing.assert_array_equal(other.val.tokens, out.val.tokens)
 
 
 def test_cache_reuse_and_invalidation(tmp_path, files, tokenizer, caplog):
@@ -167,7 +193,7 @@ def test_empty_domain(tmp_path, files, tokenizer):
 
 def test_too_little_for_validation(tmp_path, files, tokenizer):
     with pytest.raises(
-        ConfigError, match=r"\[data.domains\[0\]\] files: .*needs more than 51000 tokens, found \d+"
+        ConfigError, match=r"\[data.domains\[0\]\] files: .*needs more than 102000 tokens, found \d+"
     ):
         prepare_domains(files, tokenizer, tmp_path / "cache", seq_len=50, val_sequences=1000)
     assert not any(p.name.startswith("web-") for p in (tmp_path / "cache").iterdir())  # nothing half-built

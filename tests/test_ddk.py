@@ -79,3 +79,58 @@ def test_mixer_modes():
     again = DomainMixer(2, "ddk")
     again.load_state_dict(state)
     assert again.update(20, s, t) == ddk.update(20, s, t)
+
+
+def test_excess_loss_factor_matches_the_paper_for_small_gaps():
+    from ddk_fast.ddk import excess_loss_discrepancy
+
+    # exp(g) ≈ 1 + g: for gaps of a few hundredths of a nat, softmax over g and over exp(g) agree to O(g²)
+    s, t = [1.03, 1.01, 1.00], [1.0, 1.0, 1.0]
+    paper = domain_discrepancy(s, t)
+    robust = excess_loss_discrepancy(s, t, alpha=1.0, temperature=1.0)
+    assert torch.allclose(paper, robust, atol=2e-4)
+    assert (robust.argsort() == paper.argsort()).all()
+
+
+def test_excess_loss_factor_does_not_collapse_on_large_gaps():
+    from ddk_fast.ddk import excess_loss_discrepancy, smooth_excess_loss_weights
+
+    s, t = [6.0, 4.0, 3.0], [2.0, 2.0, 2.0]  # gaps of 4, 2, 1 nats: the paper's ratios are 55, 7.4, 2.7
+    paper = domain_discrepancy(s, t)
+    assert paper.max().item() > 0.999999  # Eq. 1 is one-hot here
+    r0 = excess_loss_discrepancy(s, t, alpha=0.5, temperature=1.0)
+    # by hand: 0.5 * softmax(4, 2, 1) + 0.5 / 3
+    e = [math.exp(4), math.exp(2), math.exp(1)]
+    assert r0.tolist() == pytest.approx([0.5 * x / sum(e) + 0.5 / 3 for x in e], abs=1e-12)
+    assert r0.min().item() >= 0.5 / 3 - 1e-12  # the floor holds from r_0 on
+    r1 = smooth_excess_loss_weights(r0, s, t, alpha=0.5, temperature=2.0)
+    psi = [r0[i].item() * math.exp(g / 2.0) for i, g in enumerate((4, 2, 1))]
+    assert r1.tolist() == pytest.approx([0.5 * p / sum(psi) + 0.5 / 3 for p in psi], abs=1e-12)
+    flatter = excess_loss_discrepancy(s, t, alpha=1.0, temperature=4.0)
+    sharper = excess_loss_discrepancy(s, t, alpha=1.0, temperature=0.5)
+    assert flatter.max() < sharper.max()
+    with pytest.raises(ValueError, match=r"temperature: expected a number >= 0.01 \(nats\), got 0.0"):
+        excess_loss_discrepancy(s, t, temperature=0.0)
+
+
+def test_weight_cap_redistributes_in_proportion():
+    from ddk_fast.ddk import cap_weights
+
+    w = cap_weights(torch.tensor([0.7, 0.2, 0.1]), 0.5)
+    assert w.tolist() == pytest.approx([0.5, 0.2 + 0.2 * 2 / 3, 0.1 + 0.2 / 3])
+    assert cap_weights(torch.tensor([0.7, 0.2, 0.1]), 1.0).tolist() == pytest.approx([0.7, 0.2, 0.1])
+    # two rounds: the second domain hits the cap too
+    w = cap_weights(torch.tensor([0.9, 0.09, 0.01], dtype=torch.float64), 0.4)
+    assert w.max().item() <= 0.4 + 1e-12 and w.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"max_weight: expected at least 1/N"):
+        cap_weights(torch.tensor([0.5, 0.3, 0.2]), 0.3)
+
+
+def test_mixer_excess_loss_cap_and_collapse_flag():
+    s, t = [6.0, 2.0], [2.0, 2.0]
+    paper = DomainMixer(2, "ddk", factor="paper")
+    paper.update(0, s, t)
+    assert paper.collapsed
+    robust = DomainMixer(2, "ddk", factor="excess_loss", factor_temperature=1.0, max_weight=0.7)
+    w = robust.update(0, s, t)
+    assert max(w) == pytest.approx(0.7) and not robust.collapsed

@@ -163,3 +163,37 @@ def test_every_configured_divergence_trains(assets, tmp_path, divergence):
     t.fit()
     rows = _rows(tmp_path / divergence)
     assert len(rows) == 2 and all(r["kd"] > 0 and r["kd"] == r["kd"] for r in rows)
+
+
+def test_test_split_never_steers_ddk_and_is_reported(assets, tmp_path, monkeypatch):
+    """Every loss the mixer receives is a val-split measurement; the test split is scored once, at the end."""
+    import ddk_fast.trainer as trainer_mod
+
+    calls = []  # (kind, losses) in call order
+    real_losses = trainer_mod.domain_losses
+
+    def spy(model, val_sets, *args, **kw):
+        out = real_losses(model, val_sets, *args, **kw)
+        kind = "test" if val_sets is trainer.test_sets else "val" if val_sets is trainer.val_sets else "?"
+        calls.append((kind, out))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "domain_losses", spy)
+    cfg = make_cfg(assets, tmp_path / "run", data__test_sequences=3)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    result = trainer.fit()
+    kinds = [k for k, _ in calls]
+    assert "?" not in kinds and kinds[-2:] == ["test", "test"]  # teacher then student, after the last step
+    assert "test" not in kinds[:-2]
+    val_outputs = [o for k, o in calls if k == "val"]
+    for h in trainer.mixer.history:  # each update's inputs are exactly val-split measurements
+        assert h["student_loss"] in val_outputs and h["teacher_loss"] in val_outputs
+    test_outputs = [o for k, o in calls if k == "test"]
+    assert result.teacher_test_losses == test_outputs[0] and result.test_losses == test_outputs[1]
+    assert all(h["student_loss"] != result.test_losses for h in trainer.mixer.history)
+    assert trainer.test_sets[0]["input_ids"].shape == (3, 32)
+    from ddk_fast.report import write_report
+
+    report = write_report(result, trainer.names).read_text()
+    assert "student test" in report and "never steers anything" in report and "Test gap: mean" in report

@@ -3,16 +3,19 @@
 ``prepare_domains`` reads each domain's files with ``datasets.load_dataset`` (offline; format from the
 extension: ``.jsonl``/``.json`` -> json, ``.parquet`` -> parquet, ``.txt`` -> text, one document per line,
 field ``"text"`` whatever ``text_field`` says), tokenises every document once without special tokens (the
-sampler inserts the separator), drops empty documents, and holds out a fixed validation split per domain:
-a seeded selection of whole documents with at least ``val_sequences * (seq_len + 1)`` tokens (separators
-included). The rest is the training shard.
+sampler inserts the separator), drops empty documents, and holds out two fixed splits per domain, drawn
+from one seeded permutation of the documents: ``val`` (what DDK steers on) takes whole documents until it
+holds ``val_sequences * (seq_len + 1)`` tokens (separators included), then ``test`` (reported only) takes the
+next documents until ``test_sequences * (seq_len + 1)``. The three splits are disjoint sets of documents;
+the rest is the training shard.
 
-Shards are cached under ``cache_dir/<domain>-<key>/{train,val}``. The key hashes everything the content
+Shards are cached under ``cache_dir/<domain>-<key>/{train,val,test}``. The key hashes everything the content
 depends on: the tokenizer (its ``tokenizer.json`` serialisation, or sorted vocabulary, plus the special
 tokens), the *bytes* of every file (size and mtime are not enough), the file formats, ``text_field``,
-``seed``, ``seq_len``, ``val_sequences`` and ``FORMAT_VERSION``. A second run with the same inputs reuses
-the shards ("reusing cached shards" in the log); any change builds new ones. A domain directory is built
-under a temporary name and renamed when complete, so an interrupted run never leaves a partial cache.
+``seed``, ``seq_len``, ``val_sequences``, ``test_sequences`` and ``FORMAT_VERSION``. A second run with
+the same inputs reuses the shards ("reusing cached shards" in the log); any change builds new ones. A domain
+directory is built under a temporary name and renamed when complete, so an interrupted run never leaves a
+partial cache.
 
 Errors are :class:`~ddk_fast.errors.ConfigError` with the path ``data.domains[i].<field>``.
 """
@@ -37,7 +40,7 @@ from .shards import ShardError, ShardWriter, TokenShard
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a test split beside val
 EXTENSION_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 1000
 _PROGRESS_MIN_DOCS = 20000
@@ -50,6 +53,7 @@ class PreparedDomain:
     name: str
     train: TokenShard
     val: TokenShard
+    test: TokenShard
     cache_dir: Path
     reused: bool = False
 
@@ -181,24 +185,34 @@ def _copy_docs(src: TokenShard, docs: np.ndarray, out_dir: Path, extra_meta: dic
     return TokenShard.open(out_dir)
 
 
-def _split(i: int, all_shard: TokenShard, *, seq_len: int, val_sequences: int, seed: int):
-    """Seeded whole-document validation selection; returns (val docs, train docs) in stored order."""
+def _split(
+    i: int, all_shard: TokenShard, *, seq_len: int, val_sequences: int, test_sequences: int, seed: int
+):
+    """Seeded whole-document selection: (val docs, test docs, train docs), each in stored order.
+
+    One permutation of the documents; val takes a prefix covering ``val_sequences * (seq_len + 1)`` tokens
+    (separators counted), test the following documents covering ``test_sequences * (seq_len + 1)``."""
     lengths = all_shard.doc_lengths()
-    need = val_sequences * (seq_len + 1)
+    need_val, need_test = val_sequences * (seq_len + 1), test_sequences * (seq_len + 1)
     found = int(lengths.sum()) + lengths.size  # tokens + one separator per document
     order = np.random.default_rng(seed).permutation(lengths.size)
     cum = np.cumsum(lengths[order] + 1)
-    n_val = int(np.searchsorted(cum, need)) + 1 if need > 0 else 0
-    if n_val >= lengths.size:
+    n_val = int(np.searchsorted(cum, need_val)) + 1 if need_val > 0 else 0
+    done_val = int(cum[min(n_val, cum.size) - 1]) if n_val else 0
+    n_test = int(np.searchsorted(cum, done_val + need_test)) + 1 - n_val if need_test > 0 else 0
+    if n_val + n_test >= lengths.size:
+        need = need_val + need_test
         raise ConfigError(
             f"data.domains[{i}].files",
             f"{found} tokens in {lengths.size} documents",
-            f"enough text for a validation split of {need} tokens (val_sequences={val_sequences} x "
-            f"(seq_len+1)={seq_len + 1}, whole documents, separators counted) plus at least one training "
-            f"document",
-            hint=f"needs more than {need} tokens, found {found}; add data or lower val_sequences/seq_len",
+            f"enough text for a validation split of {need_val} tokens (val_sequences={val_sequences} x "
+            f"(seq_len+1)={seq_len + 1}) and a test split of {need_test} tokens (test_sequences="
+            f"{test_sequences}), whole documents, separators counted, plus at least one training document",
+            hint=f"needs more than {need} tokens, found {found}; add data or lower "
+            "val_sequences/test_sequences/seq_len",
         )
-    return np.sort(order[:n_val]), np.sort(order[n_val:])
+    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+    return np.sort(val), np.sort(test), np.sort(train)
 
 
 def _safe(name: str) -> str:
@@ -212,10 +226,11 @@ def prepare_domains(
     *,
     seq_len: int,
     val_sequences: int,
+    test_sequences: int | None = None,
     seed: int = 0,
     num_proc: int | None = None,
 ) -> list[PreparedDomain]:
-    """Tokenise (or reuse from ``cache_dir``) every domain into train/validation :class:`TokenShard` s.
+    """Tokenise (or reuse from ``cache_dir``) every domain into train/val/test :class:`TokenShard` s.
 
     Args:
         domains: ``DomainConfig``-like objects (``name``, ``files``, ``text_field``), in config order.
@@ -223,7 +238,8 @@ def prepare_domains(
         cache_dir: where shards are cached (created if needed).
         seq_len: training sequence length (sizes the validation split).
         val_sequences: validation sequences per domain (>= 0).
-        seed: seed of the validation document selection.
+        test_sequences: test sequences per domain (>= 0); None = ``val_sequences``.
+        seed: seed of the val/test document selection.
         num_proc: passed to ``datasets.load_dataset``; fast tokenizers already encode batches in parallel.
 
     Returns:
@@ -233,6 +249,10 @@ def prepare_domains(
         raise ConfigError("data.seq_len", seq_len, "an integer >= 1")
     if not isinstance(val_sequences, int) or val_sequences < 0:
         raise ConfigError("data.val_sequences", val_sequences, "an integer >= 0")
+    if test_sequences is None:
+        test_sequences = val_sequences
+    if not isinstance(test_sequences, int) or test_sequences < 0:
+        raise ConfigError("data.test_sequences", test_sequences, "an integer >= 0")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     hf_cache = cache / "hf_datasets"
@@ -242,14 +262,18 @@ def prepare_domains(
     out = []
     for i, (dom, files) in enumerate(zip(domains, checked)):
         key = _cache_key(
-            tok_fp, files, dom.text_field, seed=seed, seq_len=seq_len, val_sequences=val_sequences
+            tok_fp,
+            files,
+            dom.text_field,
+            seed=seed,
+            seq_len=seq_len,
+            val_sequences=val_sequences,
+            test_sequences=test_sequences,
         )
         final = cache / f"{_safe(dom.name)}-{key}"
         if final.is_dir():
             try:
-                prepared = PreparedDomain(
-                    dom.name, TokenShard.open(final / "train"), TokenShard.open(final / "val"), final, True
-                )
+                prepared = PreparedDomain(dom.name, *_open_splits(final), final, True)
                 logger.info("domain %s: reusing cached shards in %s", dom.name, final)
                 out.append(prepared)
                 continue
@@ -270,12 +294,18 @@ def prepare_domains(
                     f"files with non-empty text in field {dom.text_field!r}",
                     hint=f"domain {dom.name!r} has no text that tokenises to any token",
                 )
-            val_docs, train_docs = _split(
-                i, all_shard, seq_len=seq_len, val_sequences=val_sequences, seed=seed
+            val_docs, test_docs, train_docs = _split(
+                i,
+                all_shard,
+                seq_len=seq_len,
+                val_sequences=val_sequences,
+                test_sequences=test_sequences,
+                seed=seed,
             )
             meta = {"domain": dom.name, "cache_key": key, "tokenizer": tok_fp}
             _copy_docs(all_shard, train_docs, tmp / "train", {**meta, "split": "train"})
             _copy_docs(all_shard, val_docs, tmp / "val", {**meta, "split": "val"})
+            _copy_docs(all_shard, test_docs, tmp / "test", {**meta, "split": "test"})
             del all_shard
             shutil.rmtree(tmp / "all")
             try:
@@ -287,13 +317,18 @@ def prepare_domains(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        train, val = TokenShard.open(final / "train"), TokenShard.open(final / "val")
+        train, val, test = _open_splits(final)
         logger.info(
-            "domain %s: %d train tokens in %d docs, %d validation tokens in %d docs -> %s",
-            dom.name, train.num_tokens, train.num_docs, val.num_tokens, val.num_docs, final,
+            "domain %s: %d train tokens (%d docs), %d val tokens (%d docs), %d test tokens (%d docs) -> %s",
+            dom.name, train.num_tokens, train.num_docs, val.num_tokens, val.num_docs, test.num_tokens,
+            test.num_docs, final,
         )  # fmt: skip
-        out.append(PreparedDomain(dom.name, train, val, final, False))
+        out.append(PreparedDomain(dom.name, train, val, test, final, False))
     return out
+
+
+def _open_splits(folder: Path) -> tuple[TokenShard, TokenShard, TokenShard]:
+    return tuple(TokenShard.open(folder / split) for split in ("train", "val", "test"))
 
 
 def validation_batches(
