@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test bench lint ext clean
+.PHONY: setup demo compare compare-quick test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ ext: setup
 demo: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.train --config examples/demo.toml
+
+# "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
+compare: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --out bench/results/compare/paper-like --work runs/compare-paper-like
+	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --out bench/results/compare/large-gap --work runs/compare-large-gap
+
+compare-quick: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --quick
 
 test: setup
 	$(BIN)/ruff check ddk_fast tests bench

@@ -42,7 +42,7 @@ logger = logging.getLogger("ddk_fast.demo")
 
 STAMP_NAME = ".stamp.json"
 # Bump a step's version when its code changes what it writes: the cached folder is then rebuilt.
-STEP_VERSIONS = {"corpus": 1, "tokenizer": 1, "teacher": 1}
+STEP_VERSIONS = {"corpus": 2, "tokenizer": 1, "teacher": 1}
 
 
 def _hash(obj: object) -> str:

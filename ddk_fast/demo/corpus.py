@@ -1,7 +1,11 @@
 """The demo's built-in multi-domain corpus, generated offline and deterministically.
 
-Four domains of clearly different difficulty for a tiny language model (easiest to hardest, as a small
-model sees them):
+Five domains of clearly different difficulty for a tiny language model (easiest to hardest, as a small
+model sees them), and of different sizes:
+
+- ``logs``: generated service log lines (``2026-03-14 09:12:33 INFO api GET /users/17 200 12ms``): a fixed
+  format around random fields. Learned quickly by any model; the largest domain by far (about half of
+  all tokens), so a size-proportional mix spends most of its tokens on it.
 
 - ``structured``: generated symbolic tasks, one per line (``sort: 9 2 7 -> 2 7 9``, ``reverse:``, ``max:``,
   key-value ``lookup``). The part before ``->`` is random, the part after is a function of it.
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-DOMAINS: tuple[str, ...] = ("code", "docs", "arithmetic", "structured")
+DOMAINS: tuple[str, ...] = ("code", "docs", "arithmetic", "structured", "logs")
 
 # Folders of the stdlib that are tests, demos, vendored or generated code, or not part of the library.
 _SKIP_DIRS = frozenset(
@@ -67,6 +71,7 @@ class CorpusSettings:
     docs_chars: int = 300_000
     arithmetic_chars: int = 200_000
     structured_chars: int = 200_000
+    logs_chars: int = 1_000_000
     valid_chars: int = 16_000  # held out per domain, on top of the training text
     max_file_chars: int = 12_000  # at most this much text is taken from one stdlib file
     max_file_bytes: int = 200_000  # larger stdlib files are skipped (generated tables)
@@ -78,6 +83,7 @@ class CorpusSettings:
             docs_chars=20_000,
             arithmetic_chars=12_000,
             structured_chars=12_000,
+            logs_chars=30_000,
             valid_chars=2_000,
         )
 
@@ -274,11 +280,40 @@ def _structured_domain(s: CorpusSettings, chars: int) -> list[str]:
     return _take(gen(), chars)
 
 
+_SERVICES = ("api", "auth", "db", "cache", "worker", "billing")
+_PATHS = ("/users", "/orders", "/items", "/login", "/search", "/health", "/cart")
+_STATUS = {"INFO": (200, 200, 201, 204), "WARN": (301, 404, 429), "ERROR": (500, 502, 503)}
+
+
+def _logs_line(rng: random.Random) -> str:
+    level = rng.choice(("INFO", "INFO", "INFO", "INFO", "WARN", "ERROR"))
+    ts = (
+        f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
+        f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+    )
+    method = rng.choice(("GET", "GET", "GET", "POST", "PUT", "DELETE"))
+    return (
+        f"{ts} {level} {rng.choice(_SERVICES)} {method} {rng.choice(_PATHS)}/{rng.randint(1, 999)} "
+        f"{rng.choice(_STATUS[level])} {rng.randint(1, 400)}ms"
+    )
+
+
+def _logs_domain(s: CorpusSettings, chars: int) -> list[str]:
+    rng = random.Random(f"logs-{s.seed}")
+
+    def gen():
+        while True:
+            yield "\n".join(_logs_line(rng) for _ in range(rng.randint(4, 40))) + "\n"
+
+    return _take(gen(), chars)
+
+
 _GENERATORS: dict[str, Callable[[CorpusSettings, int], list[str]]] = {
     "code": _code_domain,
     "docs": _docs_domain,
     "arithmetic": _arithmetic_domain,
     "structured": _structured_domain,
+    "logs": _logs_domain,
 }
 
 

@@ -1,0 +1,97 @@
+"""The DDK-vs-baselines comparison: `python -m ddk_fast.compare --quick` on the tiny demo assets, its
+results.json schema, equal budgets and shared inits, reuse of finished runs, and the summary maths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddk_fast.compare import ARMS, main, score, weight_oscillation
+from ddk_fast.compare_report import paired, verdicts
+from ddk_fast.demo.__main__ import prepare_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    demo = prepare_demo(root / "demo", tiny=True, progress=False)
+    text = (REPO / "examples" / "compare.toml").read_text().replace(".cache/demo", str(demo["out"]))
+    cfg = root / "compare.toml"
+    cfg.write_text(text)
+    args = [
+        "--config", str(cfg), "--quick", "--work", str(root / "out"),
+        "--set", "data.seq_len=16", "--set", "data.batch_size=4", "--set", "data.val_sequences=2",
+        "--set", "data.test_sequences=3", "--set", "compare.quick_steps=8",
+    ]  # fmt: skip
+    assert main(args) == 0
+    return root, args, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_quick_comparison_writes_results_report_and_plots(quick):
+    root, _, res = quick
+    assert set(res) >= {"setting", "seeds", "domains", "teacher_test_ce", "runs", "references"}
+    assert res["seeds"] == [0] and res["setting"]["quick"] and res["setting"]["commit"] is not None
+    assert res["domains"] == ["code", "docs", "arithmetic", "structured", "logs"]
+    assert [r["arm"] for r in res["runs"]] == list(ARMS)
+    for r in res["runs"]:
+        for key in ("tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights", "weight_oscillation"):
+            assert key in r, key
+        assert len(r["gap"]) == 5 and r["worst_gap"] == max(r["gap"])
+        assert r["gap"] == pytest.approx([s - t for s, t in zip(r["test_ce"], res["teacher_test_ce"])])
+    assert len({r["tokens"] for r in res["runs"]}) == 1  # equal token budget: 8 steps x 4 x 16
+    assert res["runs"][0]["tokens"] == 8 * 4 * 16
+    by = {r["arm"]: r for r in res["runs"]}
+    assert by["uniform"]["weights"][0][1:] == pytest.approx([0.2] * 5)
+    static = by["static"]["weights"][0][1:]
+    assert static.index(max(static)) == 4  # logs: the largest domain dominates a size-proportional mix
+    assert by["ddk"]["weights"][0][1:] != pytest.approx([0.2] * 5)  # the factor moved the mix
+    untrained = res["references"][0]
+    assert untrained["arm"] == "untrained" and all(r["mean_gap"] < untrained["mean_gap"] for r in res["runs"])
+    report = (root / "out" / "report.md").read_text()
+    assert "Paired by seed" in report and "test** split" in report and "Against the goals" in report
+    for png in ("gaps.png", "weights.png"):
+        assert (root / "out" / png).stat().st_size > 1000
+    # one shared init per seed: a folder the arms load, not one each
+    assert (root / "out" / "inits" / "seed0" / "config.json").exists()
+    cfg = (root / "out" / "runs" / "ddk-s0" / "config.toml").read_text()
+    assert str(root / "out" / "inits" / "seed0") in cfg
+
+
+def test_finished_runs_are_reused(quick, capsys):
+    root, args, res = quick
+    mtime = (root / "out" / "runs" / "ddk-s0" / "run_result.json").stat().st_mtime
+    assert main(args) == 0
+    again = json.loads((root / "out" / "results.json").read_text())
+    assert [r["test_ce"] for r in again["runs"]] == [r["test_ce"] for r in res["runs"]]
+    assert (root / "out" / "runs" / "ddk-s0" / "run_result.json").stat().st_mtime == mtime
+
+
+def test_bad_compare_table_is_a_config_error(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace('"ce"]', '"nonsense"]'))
+    assert main(["--config", str(cfg), "--quick"]) == 2
+    assert "[compare] arms: expected one of ddk" in capsys.readouterr().err
+
+
+def test_summary_maths():
+    assert weight_oscillation([[0, 0.5, 0.5], [10, 0.7, 0.3], [20, 0.5, 0.5]]) == pytest.approx(0.2)
+    assert weight_oscillation([[0, 0.5, 0.5]]) == 0.0
+    row = score({"test_ce": [3.0, 2.0], "test_tokens": [30, 10], "weights": []}, [2.5, 1.0])
+    assert row["gap"] == [0.5, 1.0] and row["worst_gap"] == 1.0
+    assert row["mean_gap"] == pytest.approx((0.5 * 30 + 1.0 * 10) / 40)
+    res = {
+        "seeds": [0, 1],
+        "runs": [
+            {"arm": "ddk", "seed": 0, "mean_gap": 1.0, "worst_gap": 2.0, "weight_oscillation": 0.1},
+            {"arm": "ddk", "seed": 1, "mean_gap": 1.0, "worst_gap": 2.0, "weight_oscillation": 0.1},
+            {"arm": "uniform", "seed": 0, "mean_gap": 1.1, "worst_gap": 2.5, "weight_oscillation": 0.0},
+            {"arm": "uniform", "seed": 1, "mean_gap": 0.9, "worst_gap": 1.5, "weight_oscillation": 0.0},
+        ],
+    }
+    assert paired(res, "ddk", "uniform", "worst_gap") == pytest.approx([-0.5, 0.5])
+    (line,) = verdicts(res)
+    assert "worst-domain gap lower in 1/2 seeds" in line and "mean gap no worse in 1/2 seeds" in line
