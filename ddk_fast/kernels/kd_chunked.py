@@ -1,0 +1,131 @@
+"""The ``chunked`` work split (design (b)): cuBLAS for every matmul, one Triton kernel over each chunk of logits.
+
+Math: the same loss and gradient as ``kd_forward.py`` / ``kd_backward.py``, computed per chunk of C token rows:
+  forward   S = h_s[c] @ W_s^T, T = h_t[c] @ W_t[:V_s]^T  (cuBLAS, bf16/fp16 in, fp32 out: ``mm(out_dtype=fp32)``),
+            then the tiled forward kernels over the given logits (``FROM_LOGITS``, split over the vocabulary so
+            a chunk of a few hundred rows still fills the GPU): online softmaxes, CE, D, S, domain sums;
+  backward  recompute S and T (cuBLAS), the gradient kernel writes dS = dL/dS over the chunk (in place into S
+            for fp32 inputs, into one [C, V_s] buffer of the input dtype otherwise), then
+            dH[c] = dS @ W_s (cuBLAS, fp32 out, every row written once: no atomics) and dW += dS^T @ h_s[c]
+            (cuBLAS, accumulated in fp32).
+
+Bytes per chunk (B = input bytes): the GEMMs read C (H_s + H_t) B + V_s (H_s + H_t) B and write 2 C V_s fp32;
+the forward kernel reads 2 C V_s fp32 (x 2 for jsd / skew / tv); the backward kernel reads 2 C V_s fp32 and
+writes C V_s B of dS, which dH / dW read again. Extra memory: C V_s (8 + B) bytes of logits and dS (C chosen so
+this is <= CHUNK_LOGIT_BYTES) + O(N) stats; the weights are read once per chunk (N / C times in all), from HBM.
+
+FLOPs (training step, frozen head): 2 N V_s (H_s + H_t) forward + the same again for the recompute + 2 N V_s
+H_s for dH; the fused kernels in kd_forward.py / kd_backward.py do the same count, but here the matmuls run at
+cuBLAS speed and the Triton kernel only streams logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .kd_backward import kd_bwd_tiles
+from .kd_forward import kd_fwd_tiles
+
+CHUNK_LOGIT_BYTES = 768 << 20  # logits + dS of one chunk: C V_s (4 + 4 + B) bytes at most
+CHUNK_ROW_MULTIPLE = 128  # chunk rows are a multiple of this (whole cuBLAS / Triton tiles)
+CHUNK_ROWS_ENV = "DDK_FAST_KD_CHUNK_ROWS"  # override (tests use it to force several chunks)
+
+
+def chunk_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: ``$DDK_FAST_KD_CHUNK_ROWS`` if set, else the most whose logits and dS fit the budget."""
+    env = os.environ.get(CHUNK_ROWS_ENV, "")
+    if env:
+        rows = int(env)
+        if rows < 1:
+            raise ValueError(f"{CHUNK_ROWS_ENV}: expected an int >= 1, got {env!r}")
+        return min(n, rows)
+    ds_bytes = 0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8
+    per_row = max(vocab, 1) * (4 + 4 + ds_bytes)
+    rows = CHUNK_LOGIT_BYTES // per_row // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return min(n, max(CHUNK_ROW_MULTIPLE, rows))
+
+
+@functools.cache
+def _mm_out_dtype_ok() -> bool:
+    """Whether this torch has ``mm(..., out_dtype=)`` (bf16/fp16 operands, fp32 result) for CUDA."""
+    return hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def matmul_fp32(a, b, out=None, acc=None):
+    """fp32 ``a @ b`` (into ``out``), or ``acc += a @ b``. bf16 / fp16 operands on CUDA go to cuBLAS with an
+    fp32 result (fp32 accumulation, never rounded to 16 bits); elsewhere they are upcast (exact products)."""
+    lowp = a.dtype != torch.float32
+    if lowp and a.is_cuda and _mm_out_dtype_ok():
+        try:
+            if acc is not None:
+                return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if out is not None:
+                return torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch: fall through to the exact upcast
+            pass
+    if lowp:
+        a, b = a.float(), b.float()
+    if acc is not None:
+        return acc.addmm_(a, b)
+    if out is not None:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b)
+
+
+def _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j):
+    s = matmul_fp32(h_s[i:j], w_s.T)
+    t = matmul_fp32(h_t[i:j], w_t[:vocab].T)
+    return s, t
+
+
+def _part(t, i, j):
+    return None if t is None else t[i:j]
+
+
+def kd_fwd_chunked(
+    h_s, w_s, h_t, w_t, labels, domain_ids, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
+    t_cap, ignore_index, num_domains, outputs,
+):  # fmt: skip
+    """Forward of the chunked variant into ``outputs`` = (stats [4, N], ce, d, dce, dkd, dtok)."""
+    stats, ce, d, dce, dkd, dtok = outputs
+    n = h_s.shape[0]
+    rows = chunk_rows(n, vocab, h_s.dtype)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        s, t = _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j)
+        kd_fwd_tiles(
+            s, None, t, None, _part(labels, i, j), _part(domain_ids, i, j), vocab, div, beta, lam, temperature,
+            s_scale, s_cap, t_scale, t_cap, ignore_index, num_domains, True,
+            (stats[:, i:j], ce[i:j], d[i:j], dce, dkd, dtok), splits=True,
+        )  # fmt: skip
+        del s, t
+
+
+def kd_bwd_chunked(
+    h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
+    t_cap, ignore_index, need_h, need_w, gh, gw,
+):  # fmt: skip
+    """Backward of the chunked variant: ``gh`` [N, H_s] fp32 (every row written) and ``gw`` (zeroed) filled."""
+    n = h_s.shape[0]
+    rows = chunk_rows(n, vocab, h_s.dtype)
+    ds_buffer = None
+    if h_s.dtype != torch.float32:
+        ds_buffer = torch.empty(min(rows, n), vocab, dtype=h_s.dtype, device=h_s.device)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        s, t = _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j)
+        ds = s if ds_buffer is None else ds_buffer[: j - i]  # fp32: dS overwrites S tile by tile, in place
+        kd_bwd_tiles(
+            s, None, t, None, _part(labels, i, j), stats[:, i:j], g_ce[i:j], g_d[i:j], vocab, div, beta, lam,
+            temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, True, False, True, ds, None,
+        )  # fmt: skip
+        del t
+        if need_h:
+            matmul_fp32(ds, w_s, out=gh[i:j])
+        if need_w:
+            matmul_fp32(ds.T, h_s[i:j], acc=gw)
+        del s
