@@ -1,27 +1,32 @@
-"""KD loss, fwd+bwd: naive torch vs chunked torch reference vs torch.compile vs Triton vs Liger (GPU).
+"""KD loss, fwd+bwd: eager torch vs chunked torch vs torch.compile vs our Triton variants vs Liger, one run.
 
-Providers (side by side in one run):
-- ``naive``: materialised fp32 logits for all N tokens + autograd (``fused_linear_kd_loss_naive``, what TRL /
-  torchtune do);
-- ``chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
-- ``compiled``: ``torch.compile`` of the chunked reference;
-- ``triton``: ``fused_linear_kd_loss(backend="triton")`` (CUDA only: the interpreter is 40-3000x slower);
+Providers (side by side in one run; the names are the ``impl`` column of the GPU rows):
+- ``torch_eager``: materialised fp32 logits for all N tokens + autograd (``fused_linear_kd_loss_naive``, what
+  TRL / torchtune do);
+- ``torch_chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
+- ``torch_compile``: ``torch.compile`` of the chunked reference;
+- ``ddk_fast_<variant>``: ``fused_linear_kd_loss(backend="triton")`` with ``DDK_FAST_KD_VARIANT=<variant>``
+  (``chunked``, ``vsplit``, ``rowblock``: ddk_fast/kernels/kd_common.py). CUDA only in timed runs (the
+  interpreter is 40-3000x slower); the CPU dry run of bench/gpu/kd_loss_matrix.py runs them interpreted.
 - ``liger``: ``liger_kernel.transformers.LigerFusedLinearJSD`` when ``liger_kernel`` is installed (CUDA only).
   It computes the mean generalized JSD over non-ignored tokens and nothing else (no CE term, no T^2 factor),
-  so it does slightly less work than the other providers, which also compute CE;
-  ``test_liger_matches_reference`` checks on CUDA that it equals our JSD (``ce_weight=0, scale_by_t2=False``),
-  gradients included.
+  so it does slightly less work than the other providers, which also compute CE; its beta 0 / 0.5 / 1 is our
+  forward_kl / jsd / reverse_kl (``LIGER_BETA``). ``test_liger_matches_reference`` checks on CUDA that it
+  equals our JSD (``ce_weight=0, scale_by_t2=False``), gradients included.
 
-Rows (``bench/results/kd_loss.jsonl`` + ``.csv``): median/IQR fwd+bwd time (pytest-benchmark), peak extra
-memory (CUDA: max_memory_allocated; CPU: peak RSS of a fresh process, see bench/harness.py), achieved TFLOP/s
-from ``flop = 2 N V_s (H_s + H_t) + 4 N V_s H_s`` (two logit matmuls, dH and dW; recompute not counted) and
-the dense matmul rate measured in the same run.
+FLOP counts: ``flop_count`` = 2 N V_s (H_s + H_t) + 4 N V_s H_s (both logit matmuls, dH and dW: the
+trainable head of the pytest rows); ``flop_floor`` = 2 N V_s (2 H_s + H_t) (both logit matmuls and dH: the
+frozen head of the GPU matrix, the issue's floor; recomputation not counted).
 
-    pytest bench/bench_kd_loss.py --benchmark-disable -q         # smoke (CI): every provider runs once
+    pytest bench/bench_kd_loss.py --benchmark-disable -q         # smoke (CI): every CPU provider runs once
     pytest bench/bench_kd_loss.py --benchmark-only -q            # real run, writes bench/results/kd_loss.*
+    python -m bench.gpu.kd_loss_matrix --out DIR                 # the GPU matrix -> DIR/gpu_kd_loss.jsonl
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import pytest
 import torch
@@ -34,20 +39,40 @@ CPU_SHAPES = {  # name: (N, H_s, H_t, V_s, V_t)
     "cpu-n2048-v32000-h512": (2048, 512, 512, 32000, 32000),
     "cpu-n512-v1271-h256": (512, 256, 384, 1271, 1280),
 }
-GPU_SHAPES = {
-    "llama3.2-1b<-3.1-8b": (8192, 2048, 4096, 128256, 128256),
-    "qwen2.5-0.5b<-7b": (8192, 896, 3584, 151936, 152064),
-    "h4096-v128256-n1024": (1024, 4096, 4096, 128256, 128256),
+GPU_SHAPES = {  # the issue's shapes; the GPU matrix (bench/gpu/kd_loss_matrix.py) orders and budgets them
+    "llama3.2-1b<-3.1-8b-n8192": (8192, 2048, 4096, 128256, 128256),
+    "llama3.2-1b<-3.1-8b-n1024": (1024, 2048, 4096, 128256, 128256),
+    "llama3.2-1b<-3.1-8b-n4096": (4096, 2048, 4096, 128256, 128256),
+    "llama3.2-1b<-3.1-8b-n16384": (16384, 2048, 4096, 128256, 128256),
+    "qwen2.5-0.5b<-7b-n8192": (8192, 896, 3584, 151936, 152064),
     "h4096-v128256-n8192": (8192, 4096, 4096, 128256, 128256),
 }
-CPU_PROVIDERS = ("naive", "chunked", "compiled")
-GPU_PROVIDERS = ("naive", "chunked", "compiled", "triton", "liger")
+VARIANT_ENV = "DDK_FAST_KD_VARIANT"  # kd_common.VARIANT_ENV (not imported: that would import triton)
+DDK_VARIANTS = ("chunked", "vsplit", "rowblock")
+DDK_PROVIDERS = tuple(f"ddk_fast_{v}" for v in DDK_VARIANTS)
+CPU_PROVIDERS = ("torch_eager", "torch_chunked", "torch_compile")
+GPU_PROVIDERS = ("torch_eager", "torch_compile", "liger", *DDK_PROVIDERS)
 DIVERGENCE = "jsd"  # the divergence every provider (Liger included) implements
+LIGER_BETA = {"forward_kl": 0.0, "jsd": 0.5, "reverse_kl": 1.0}  # the divergences Liger's fused JSD covers
+EAGER_LOGIT_COPIES = 6  # [N, V] fp32 tensors torch_eager keeps alive (2 logits, 2 log-probs, probs, grad)
+MEMORY_HEADROOM = 0.8  # skip a provider whose estimate passes this fraction of the device memory
 _COMPILED = {}
 
 
 def flop_count(n, hs, ht, vs) -> float:
     return 2.0 * n * vs * (hs + ht) + 4.0 * n * vs * hs
+
+
+def flop_floor(n, hs, ht, vs) -> float:
+    """Forward of both heads + dH (frozen student head): the issue's FLOP floor."""
+    return 2.0 * n * vs * (2 * hs + ht)
+
+
+def eager_fits(n: int, vs: int, device) -> bool:
+    if torch.device(device).type != "cuda":
+        return True
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return n * vs * 4 * EAGER_LOGIT_COPIES <= MEMORY_HEADROOM * total
 
 
 def liger_jsd(vs: int, beta: float, temperature: float, device: str, ignore_index: int = -100):
@@ -70,45 +95,83 @@ def liger_jsd(vs: int, beta: float, temperature: float, device: str, ignore_inde
     return lambda h_s, w_s, h_t, w_t, labels: mod(h_s, w_s, h_t, w_t[:vs], labels)
 
 
-def make_step(provider: str, n: int, hs: int, ht: int, vs: int, vt: int, dtype: str = "float32",
-              device: str = "cpu", seed: int = 0):  # fmt: skip
-    """Build inputs; return a closure doing one fwd+bwd step (module level: the CPU memory child calls it)."""
+def make_inputs(n, hs, ht, vs, vt, dtype="float32", device="cpu", seed=0, trainable_head=True):
+    """(h_s, w_s, h_t, w_t, labels): hidden states at a realistic logit spread, 1 in 9 labels ignored.
+    Generated on ``device`` (on a GPU the 0.5-1 G-element heads would take seconds on the CPU)."""
     dt = getattr(torch, dtype)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h_s = (torch.randn(n, hs, generator=g) / hs**0.25).to(device, dt).requires_grad_()
-    w_s = (torch.randn(vs, hs, generator=g) / hs**0.5).to(device, dt).requires_grad_()
-    h_t = (torch.randn(n, ht, generator=g) / ht**0.25).to(device, dt)
-    w_t = (torch.randn(vt, ht, generator=g) / ht**0.5).to(device, dt)
-    labels = torch.randint(0, vs, (n,), generator=g).to(device)
-    labels[::9] = -100
-    kw = dict(divergence=DIVERGENCE, beta=0.5, temperature=2.0)
+    g = torch.Generator(device=device).manual_seed(seed)
 
-    if provider == "naive":
-        fn = lambda: fused_linear_kd_loss_naive(h_s, w_s, h_t, w_t, labels, **kw).loss  # noqa: E731
-    elif provider == "chunked":
-        fn = lambda: fused_linear_kd_loss_reference(h_s, w_s, h_t, w_t, labels, **kw).loss  # noqa: E731
-    elif provider == "compiled":
-        if "fn" not in _COMPILED:
-            _COMPILED["fn"] = torch.compile(
-                lambda a, b, c, d, y: fused_linear_kd_loss_reference(a, b, c, d, y, **kw).loss, dynamic=False
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    h_s = (randn(n, hs) / hs**0.25).to(dt).requires_grad_()
+    w_s = (randn(vs, hs) / hs**0.5).to(dt).requires_grad_(trainable_head)
+    h_t = (randn(n, ht) / ht**0.25).to(dt)
+    w_t = (randn(vt, ht) / ht**0.5).to(dt)
+    labels = torch.randint(0, vs, (n,), generator=g, device=device)
+    labels[::9] = -100
+    return h_s, w_s, h_t, w_t, labels
+
+
+def loss_fn(provider: str, vs: int, divergence: str, device, beta: float = 0.5, temperature: float = 2.0):
+    """``fn(h_s, w_s, h_t, w_t, labels) -> scalar loss`` of a provider."""
+    kw = dict(divergence=divergence, beta=beta, temperature=temperature)
+    if provider == "torch_eager":
+        return lambda *a: fused_linear_kd_loss_naive(*a, **kw).loss
+    if provider == "torch_chunked":
+        return lambda *a: fused_linear_kd_loss_reference(*a, **kw).loss
+    if provider == "torch_compile":
+        key = (divergence, beta, temperature)
+        if key not in _COMPILED:
+            # dynamic shapes: one compile serves every shape of a run (each recompile costs tens of seconds)
+            _COMPILED[key] = torch.compile(
+                lambda a, b, c, d, y: fused_linear_kd_loss_reference(a, b, c, d, y, **kw).loss, dynamic=True
             )
-        comp = _COMPILED["fn"]
-        fn = lambda: comp(h_s, w_s, h_t, w_t, labels)  # noqa: E731
-    elif provider == "triton":
+        return _COMPILED[key]
+    if provider in DDK_PROVIDERS:
         from ddk_fast.losses import fused_linear_kd_loss
 
-        fn = lambda: fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, backend="triton", **kw).loss  # noqa: E731
-    elif provider == "liger":
-        loss_fn = liger_jsd(vs, beta=kw["beta"], temperature=kw["temperature"], device=device)
-        fn = lambda: loss_fn(h_s, w_s, h_t, w_t, labels)  # noqa: E731
-    else:
-        raise ValueError(f"provider: expected one of {GPU_PROVIDERS}, got {provider!r}")
+        return lambda *a: fused_linear_kd_loss(*a, backend="triton", **kw).loss  # variant: provider_env
+    if provider == "liger":
+        if divergence not in LIGER_BETA:
+            raise ValueError(f"liger: expected a divergence in {tuple(LIGER_BETA)}, got {divergence!r}")
+        b = LIGER_BETA[divergence] if divergence != "jsd" else beta
+        return liger_jsd(vs, beta=b, temperature=temperature, device=str(device))
+    raise ValueError(f"provider: expected one of {CPU_PROVIDERS + GPU_PROVIDERS}, got {provider!r}")
+
+
+@contextlib.contextmanager
+def provider_env(provider: str):
+    """``DDK_FAST_KD_VARIANT`` set to the provider's variant (the kernels read it at every launch, forward and
+    backward) for the duration; a no-op for the other providers."""
+    if provider not in DDK_PROVIDERS:
+        yield
+        return
+    old = os.environ.get(VARIANT_ENV)
+    os.environ[VARIANT_ENV] = provider.removeprefix("ddk_fast_")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(VARIANT_ENV, None)
+        else:
+            os.environ[VARIANT_ENV] = old
+
+
+def make_step(provider: str, n: int, hs: int, ht: int, vs: int, vt: int, dtype: str = "float32",
+              device: str = "cpu", seed: int = 0, divergence: str = DIVERGENCE,
+              trainable_head: bool = True):  # fmt: skip
+    """Build inputs; return a closure doing one fwd+bwd step (module level: the CPU memory child calls it)."""
+    h_s, w_s, h_t, w_t, labels = make_inputs(n, hs, ht, vs, vt, dtype, device, seed, trainable_head)
+    fn = loss_fn(provider, vs, divergence, device)
 
     def step():
         h_s.grad = None
         w_s.grad = None
-        fn().backward()
+        with provider_env(provider):
+            fn(h_s, w_s, h_t, w_t, labels).backward()
 
+    step.tensors = (h_s, w_s, h_t, w_t, labels)
     return step
 
 
@@ -155,8 +218,8 @@ def test_kd_loss_gpu(benchmark, provider, shape_name, dtype):
     if provider == "liger":
         pytest.importorskip("liger_kernel.transformers", reason="liger_kernel is not installed")
     n, hs, ht, vs, vt = GPU_SHAPES[shape_name]
-    if provider == "naive" and n * vs * 4 * 6 > 0.8 * torch.cuda.get_device_properties(0).total_memory:
-        pytest.skip("naive fp32 logits do not fit in GPU memory at this shape")
+    if provider == "torch_eager" and not eager_fits(n, vs, "cuda"):
+        pytest.skip("eager fp32 logits do not fit in GPU memory at this shape")
     benchmark.group = f"kd_loss {shape_name}"
     _bench(benchmark, provider, shape_name, GPU_SHAPES[shape_name], dtype, torch.device("cuda"), rounds=10)
 

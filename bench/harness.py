@@ -15,6 +15,8 @@ What it gives a benchmark file (stable API)::
   ``--benchmark-json`` / ``--benchmark-compare`` work), synchronising CUDA after each call, and returns
   ``{"median_ms", "iqr_ms", "stddev_ms", "min_ms", "rounds"}``. Under ``--benchmark-disable`` (CI smoke run)
   ``fn`` runs once and the timing fields are ``None``.
+* ``event_times_ms(fn, device, reps)``: per-call milliseconds from CUDA events (perf_counter on CPU), for
+  runs outside pytest-benchmark (the GPU matrix, bench/gpu/kd_loss_matrix.py).
 * ``peak_memory(fn, device)``: bytes allocated by ``fn`` above what was allocated before it. CUDA: exact,
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the subprocess method.
 * ``peak_memory_subprocess("module:factory", kwargs)``: the honest CPU measurement. A fresh Python process
@@ -146,6 +148,31 @@ def time_fn(benchmark, fn: Callable[[], object], *, device="cpu", rounds: int = 
 
 
 # ------------------------------------------------------------------------------------------------ memory
+
+
+def event_times_ms(fn: Callable[[], object], device="cpu", reps: int = 20) -> list[float]:
+    """Per-call times (ms) of ``reps`` back-to-back calls of ``fn`` (warm it up first). CUDA: a pair of CUDA
+    events around each call, one synchronisation at the end (no host gap is counted); CPU: perf_counter."""
+    import time
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        pairs = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
+        ]
+        torch.cuda.synchronize(device)
+        for start, end in pairs:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in pairs]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def peak_memory(fn: Callable[[], object], device="cpu", factory: str | None = None, kwargs=None) -> int:
