@@ -6,8 +6,10 @@ Providers (side by side in one run; the names are the ``impl`` column of the GPU
 - ``torch_chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
 - ``torch_compile``: ``torch.compile`` of the chunked reference;
 - ``ddk_fast_<variant>``: ``fused_linear_kd_loss(backend="triton")`` with ``DDK_FAST_KD_VARIANT=<variant>``
-  (``chunked``, ``vsplit``, ``rowblock``: ddk_fast/kernels/kd_common.py). CUDA only in timed runs (the
-  interpreter is 40-3000x slower); the CPU dry run of bench/gpu/kd_loss_matrix.py runs them interpreted.
+  (``chunked``, ``vsplit``, ``rowblock``: ddk_fast/kernels/kd_common.py); ``ddk_fast_chunked_dssplit`` is
+  ``chunked`` with ``DDK_FAST_KD_DS_SPLIT=1`` (bf16 dS kept as hi + lo for dH: accuracy at a FLOP cost).
+  CUDA only in timed runs (the interpreter is 40-3000x slower); the CPU dry run of
+  bench/gpu/kd_loss_matrix.py runs them interpreted.
 - ``liger``: ``liger_kernel.transformers.LigerFusedLinearJSD`` when ``liger_kernel`` is installed (CUDA only).
   It computes the mean generalized JSD over non-ignored tokens and nothing else (no CE term, no T^2 factor),
   so it does slightly less work than the other providers, which also compute CE; its beta 0 / 0.5 / 1 is our
@@ -47,9 +49,16 @@ GPU_SHAPES = {  # the issue's shapes; the GPU matrix (bench/gpu/kd_loss_matrix.p
     "qwen2.5-0.5b<-7b-n8192": (8192, 896, 3584, 151936, 152064),
     "h4096-v128256-n8192": (8192, 4096, 4096, 128256, 128256),
 }
-VARIANT_ENV = "DDK_FAST_KD_VARIANT"  # kd_common.VARIANT_ENV (not imported: that would import triton)
-DDK_VARIANTS = ("chunked", "vsplit", "rowblock")
-DDK_PROVIDERS = tuple(f"ddk_fast_{v}" for v in DDK_VARIANTS)
+# the kernels' switches (kd_common.VARIANT_ENV, kd_chunked.DS_SPLIT_ENV; not imported: that imports triton)
+VARIANT_ENV = "DDK_FAST_KD_VARIANT"
+DS_SPLIT_ENV = "DDK_FAST_KD_DS_SPLIT"
+DDK_PROVIDER_ENV = {  # provider -> the environment the kernels run under
+    "ddk_fast_chunked": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "0"},
+    "ddk_fast_chunked_dssplit": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "1"},  # bf16 dS as hi + lo
+    "ddk_fast_vsplit": {VARIANT_ENV: "vsplit"},
+    "ddk_fast_rowblock": {VARIANT_ENV: "rowblock"},
+}
+DDK_PROVIDERS = tuple(DDK_PROVIDER_ENV)
 CPU_PROVIDERS = ("torch_eager", "torch_chunked", "torch_compile")
 GPU_PROVIDERS = ("torch_eager", "torch_compile", "liger", *DDK_PROVIDERS)
 DIVERGENCE = "jsd"  # the divergence every provider (Liger included) implements
@@ -142,20 +151,19 @@ def loss_fn(provider: str, vs: int, divergence: str, device, beta: float = 0.5, 
 
 @contextlib.contextmanager
 def provider_env(provider: str):
-    """``DDK_FAST_KD_VARIANT`` set to the provider's variant (the kernels read it at every launch, forward and
-    backward) for the duration; a no-op for the other providers."""
-    if provider not in DDK_PROVIDERS:
-        yield
-        return
-    old = os.environ.get(VARIANT_ENV)
-    os.environ[VARIANT_ENV] = provider.removeprefix("ddk_fast_")
+    """The kernels' switches (``DDK_FAST_KD_VARIANT``, ``DDK_FAST_KD_DS_SPLIT``; read at every launch, forward
+    and backward) set for a ddk_fast provider for the duration; a no-op for the other providers."""
+    env = DDK_PROVIDER_ENV.get(provider, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(VARIANT_ENV, None)
-        else:
-            os.environ[VARIANT_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_step(provider: str, n: int, hs: int, ht: int, vs: int, vt: int, dtype: str = "float32",

@@ -22,7 +22,7 @@ from .test_loss_reference import assert_oracle, make_inputs
 pytestmark = pytest.mark.skipif(triton_import_error() is not None, reason=f"{triton_import_error()}")
 
 try:
-    from ddk_fast.kernels.kd_chunked import CHUNK_ROWS_ENV
+    from ddk_fast.kernels.kd_chunked import CHUNK_ROWS_ENV, DS_SPLIT_ENV
     from ddk_fast.kernels.kd_common import VARIANT_ENV, VARIANTS, kernel_variant
 except ImportError:  # no triton: every test here is skipped
     VARIANTS = ()
@@ -198,3 +198,27 @@ def test_variant_switch_rejects_unknown_names(monkeypatch):
     with pytest.raises(ValueError, match="DDK_FAST_KD_VARIANT / variant: expected one of"):
         kernel_variant()
     assert kernel_variant("vsplit") == "vsplit"
+
+
+def test_chunked_ds_split_brings_bf16_grad_to_the_rounding_floor(device, variant, monkeypatch):
+    """bf16 inputs, chunked variant: dS rounded to bf16 before the cuBLAS dH costs ~3x the error of rounding
+    the gradient itself; DDK_FAST_KD_DS_SPLIT=1 (dS = hi + lo) brings dH back to that floor."""
+    if variant != "chunked":
+        pytest.skip("the dS split is a chunked-variant option")
+    tensors, labels, _ = make_inputs(n=40, hs=64, ht=64, vs=1271, vt=1280)
+    tb = [t.to(device, torch.bfloat16) for t in tensors]
+    labels = labels.to(device)
+    h64 = tb[0].double().requires_grad_()
+    gt = fused_linear_kd_loss_naive(h64, *[t.double() for t in tb[1:]], labels, compute_dtype=torch.float64)
+    (g64,) = torch.autograd.grad(gt.loss, h64)
+
+    def rel_err(split: str) -> float:
+        monkeypatch.setenv(DS_SPLIT_ENV, split)
+        h = tb[0].clone().requires_grad_()
+        out = fused_linear_kd_loss(h, *tb[1:], labels, backend="triton")
+        (g,) = torch.autograd.grad(out.loss, h)
+        return ((g.double() - g64).norm() / g64.norm()).item()
+
+    floor = ((g64.bfloat16().double() - g64).norm() / g64.norm()).item()
+    plain, split = rel_err("0"), rel_err("1")
+    assert split < 1.3 * floor < plain, (floor, plain, split)

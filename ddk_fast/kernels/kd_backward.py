@@ -53,6 +53,7 @@ def _kd_bwd_kernel(
     grad_d_ptr,
     grad_hidden_ptr,
     grad_weight_ptr,
+    grad_lo_ptr,
     N,
     V,
     H_S,
@@ -83,6 +84,7 @@ def _kd_bwd_kernel(
     DIV: tl.constexpr,
     NEED_H: tl.constexpr,
     NEED_W: tl.constexpr,
+    SPLIT_DS: tl.constexpr,
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
@@ -133,11 +135,12 @@ def _kd_bwd_kernel(
     ds = tl.where(in_tile, ds, 0.0)
 
     if FROM_LOGITS:
-        tl.store(
-            grad_hidden_ptr + rows[:, None] * stride_gh_n + cols[None, :] * stride_gh_k,
-            ds.to(grad_hidden_ptr.dtype.element_ty),
-            mask=in_tile,
-        )
+        out_offsets = rows[:, None] * stride_gh_n + cols[None, :] * stride_gh_k
+        ds_hi = ds.to(grad_hidden_ptr.dtype.element_ty)
+        tl.store(grad_hidden_ptr + out_offsets, ds_hi, mask=in_tile)
+        if SPLIT_DS:  # dS = hi + lo in two 16-bit tensors: ~16 mantissa bits through the cuBLAS dH / dW
+            ds_lo = (ds - ds_hi.to(tl.float32)).to(grad_hidden_ptr.dtype.element_ty)
+            tl.store(grad_lo_ptr + out_offsets, ds_lo, mask=in_tile)
     else:
         ds_in = ds.to(student_hidden_ptr.dtype.element_ty)
         if UPCAST:
@@ -180,9 +183,10 @@ def _kd_bwd_kernel(
 
 def kd_bwd_tiles(
     h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
-    t_cap, ignore_index, need_h, need_w, from_logits, gh, gw,
+    t_cap, ignore_index, need_h, need_w, from_logits, gh, gw, ds_lo=None,
 ):  # fmt: skip
-    """Launch ``_kd_bwd_kernel`` into ``gh`` / ``gw`` (fp32, zeroed; FROM_LOGITS: ``gh`` receives dS)."""
+    """Launch ``_kd_bwd_kernel`` into ``gh`` / ``gw`` (fp32, zeroed; FROM_LOGITS: ``gh`` receives dS, rounded
+    to its dtype, and ``ds_lo`` (optional, same shape and strides) the rounding remainder dS - hi)."""
     n = h_s.shape[0]
     h_s_k = 0 if from_logits else h_s.shape[1]
     h_t_k = 0 if from_logits else h_t.shape[1]
@@ -198,9 +202,9 @@ def kd_bwd_tiles(
     n_row_blocks, n_col_blocks = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     _kd_bwd_kernel[(n_row_blocks * n_col_blocks,)](
         h_s, ws, h_t, wt, lab, stats[0], stats[1], stats[2], stats[3], g_ce, g_d, gh_, gw_,
-        n, vocab, h_s_k, h_t_k, *strides(h_s, ws, h_t, wt), *gh_strides, *gw_strides,
+        ds_lo if ds_lo is not None else g_ce, n, vocab, h_s_k, h_t_k, *strides(h_s, ws, h_t, wt), *gh_strides, *gw_strides,
         1.0 / temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, beta, lam, n_row_blocks, n_col_blocks,
-        HAS_LABELS=has_labels, DIV=div, NEED_H=need_h, NEED_W=need_w, S_CAP=s_cap > 0, T_CAP=t_cap > 0,
+        HAS_LABELS=has_labels, DIV=div, NEED_H=need_h, NEED_W=need_w, SPLIT_DS=ds_lo is not None, S_CAP=s_cap > 0, T_CAP=t_cap > 0,
         FROM_LOGITS=from_logits, DOT_PREC=dot_precision(h_s.dtype), UPCAST=upcast(h_s),
         GROUP=GROUP_ROW_BLOCKS, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip

@@ -32,6 +32,11 @@ from .kd_forward import kd_fwd_tiles
 CHUNK_LOGIT_BYTES = 768 << 20  # logits + dS of one chunk: C V_s (4 + 4 + B) bytes at most
 CHUNK_ROW_MULTIPLE = 128  # chunk rows are a multiple of this (whole cuBLAS / Triton tiles)
 CHUNK_ROWS_ENV = "DDK_FAST_KD_CHUNK_ROWS"  # override (tests use it to force several chunks)
+DS_SPLIT_ENV = "DDK_FAST_KD_DS_SPLIT"  # "1": bf16 / fp16 dS as hi + lo (see kd_bwd_chunked)
+
+
+def ds_split_enabled() -> bool:
+    return os.environ.get(DS_SPLIT_ENV, "0") not in ("", "0")
 
 
 def chunk_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
@@ -42,7 +47,9 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
         if rows < 1:
             raise ValueError(f"{CHUNK_ROWS_ENV}: expected an int >= 1, got {env!r}")
         return min(n, rows)
-    ds_bytes = 0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8
+    ds_bytes = (
+        0 if dtype == torch.float32 else torch.finfo(dtype).bits // 8 * (2 if ds_split_enabled() else 1)
+    )
     per_row = max(vocab, 1) * (4 + 4 + ds_bytes)
     rows = CHUNK_LOGIT_BYTES // per_row // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return min(n, max(CHUNK_ROW_MULTIPLE, rows))
@@ -109,23 +116,35 @@ def kd_bwd_chunked(
     h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
     t_cap, ignore_index, need_h, need_w, gh, gw,
 ):  # fmt: skip
-    """Backward of the chunked variant: ``gh`` [N, H_s] fp32 (every row written) and ``gw`` (zeroed) filled."""
+    """Backward of the chunked variant: ``gh`` [N, H_s] fp32 (every row written) and ``gw`` (zeroed) filled.
+
+    bf16 / fp16 inputs: dS is rounded to the input dtype for the cuBLAS dH / dW (relative error 2^-9 per
+    element for bf16, ~3x the error of rounding the gradient itself to bf16). ``$DDK_FAST_KD_DS_SPLIT=1`` keeps
+    dS as hi + lo (two 16-bit tensors, dH = hi W + lo W): ~16 mantissa bits for one more [C, V] buffer and
+    twice the dH / dW GEMM FLOPs."""
     n = h_s.shape[0]
     rows = chunk_rows(n, vocab, h_s.dtype)
-    ds_buffer = None
+    ds_buffer = ds_lo_buffer = None
     if h_s.dtype != torch.float32:
         ds_buffer = torch.empty(min(rows, n), vocab, dtype=h_s.dtype, device=h_s.device)
+        if ds_split_enabled():
+            ds_lo_buffer = torch.empty_like(ds_buffer)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         s, t = _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j)
         ds = s if ds_buffer is None else ds_buffer[: j - i]  # fp32: dS overwrites S tile by tile, in place
+        ds_lo = None if ds_lo_buffer is None else ds_lo_buffer[: j - i]
         kd_bwd_tiles(
             s, None, t, None, _part(labels, i, j), stats[:, i:j], g_ce[i:j], g_d[i:j], vocab, div, beta, lam,
-            temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, True, False, True, ds, None,
+            temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, True, False, True, ds, None, ds_lo,
         )  # fmt: skip
         del t
         if need_h:
             matmul_fp32(ds, w_s, out=gh[i:j])
+            if ds_lo is not None:
+                matmul_fp32(ds_lo, w_s, acc=gh[i:j])
         if need_w:
             matmul_fp32(ds.T, h_s[i:j], acc=gw)
+            if ds_lo is not None:
+                matmul_fp32(ds_lo.T, h_s[i:j], acc=gw)
         del s
