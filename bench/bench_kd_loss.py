@@ -6,8 +6,10 @@ Providers (side by side in one run; the names are the ``impl`` column of the GPU
 - ``torch_chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
 - ``torch_compile``: ``torch.compile`` of the chunked reference;
 - ``ddk_fast_<variant>``: ``fused_linear_kd_loss(backend="triton")`` with ``DDK_FAST_KD_VARIANT=<variant>``
-  (``chunked``, ``vsplit``, ``rowblock``: ddk_fast/kernels/kd_common.py); ``ddk_fast_chunked_dssplit`` is
-  ``chunked`` with ``DDK_FAST_KD_DS_SPLIT=1`` (bf16 dS kept as hi + lo for dH: accuracy at a FLOP cost).
+  (``chunked``, ``vsplit``, ``rowblock``: ddk_fast/kernels/kd_common.py); ``ddk_fast_chunked_gif`` is the
+  gradient-in-forward prototype ``kd_fwd_bwd_chunked`` (no recomputed GEMMs) behind a benchmark-only autograd
+  wrapper, ``ddk_fast_chunked_gif_dssplit`` the same with ``DDK_FAST_KD_DS_SPLIT=1`` (bf16 dS kept as hi + lo
+  for dH: accuracy at a FLOP cost).
   CUDA only in timed runs (the interpreter is 40-3000x slower); the CPU dry run of
   bench/gpu/kd_loss_matrix.py runs them interpreted.
 - ``liger``: ``liger_kernel.transformers.LigerFusedLinearJSD`` when ``liger_kernel`` is installed (CUDA only).
@@ -54,7 +56,9 @@ VARIANT_ENV = "DDK_FAST_KD_VARIANT"
 DS_SPLIT_ENV = "DDK_FAST_KD_DS_SPLIT"
 DDK_PROVIDER_ENV = {  # provider -> the environment the kernels run under
     "ddk_fast_chunked": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "0"},
-    "ddk_fast_chunked_dssplit": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "1"},  # bf16 dS as hi + lo
+    # gradient-in-forward prototype (kd_chunked.kd_fwd_bwd_chunked), with and without the hi + lo bf16 dS
+    "ddk_fast_chunked_gif": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "0"},
+    "ddk_fast_chunked_gif_dssplit": {VARIANT_ENV: "chunked", DS_SPLIT_ENV: "1"},
     "ddk_fast_vsplit": {VARIANT_ENV: "vsplit"},
     "ddk_fast_rowblock": {VARIANT_ENV: "rowblock"},
 }
@@ -137,6 +141,11 @@ def loss_fn(provider: str, vs: int, divergence: str, device, beta: float = 0.5, 
                 lambda a, b, c, d, y: fused_linear_kd_loss_reference(a, b, c, d, y, **kw).loss, dynamic=True
             )
         return _COMPILED[key]
+    if provider.startswith("ddk_fast_chunked_gif"):
+        from ddk_fast.ops.reference import make_params
+
+        p = make_params(divergence, beta, temperature)
+        return lambda h_s, w_s, h_t, w_t, labels: _ChunkedGradInForward.apply(h_s, w_s, h_t, w_t, labels, p)
     if provider in DDK_PROVIDERS:
         from ddk_fast.losses import fused_linear_kd_loss
 
@@ -147,6 +156,37 @@ def loss_fn(provider: str, vs: int, divergence: str, device, beta: float = 0.5, 
         b = LIGER_BETA[divergence] if divergence != "jsd" else beta
         return liger_jsd(vs, beta=b, temperature=temperature, device=str(device))
     raise ValueError(f"provider: expected one of {CPU_PROVIDERS + GPU_PROVIDERS}, got {provider!r}")
+
+
+class _ChunkedGradInForward(torch.autograd.Function):
+    """Benchmark-only autograd wrapper of the gradient-in-forward prototype ``kd_fwd_bwd_chunked`` (the op
+    layer, ddk_fast/ops/, would own this if the GPU run says it wins): the forward computes the loss and its
+    gradients at grad_output 1; the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, p):
+        from ddk_fast.kernels.kd_chunked import kd_fwd_bwd_chunked
+        from ddk_fast.ops.fused_linear_kd import DIV_CODES
+
+        labels = labels.long().contiguous()
+        out = kd_fwd_bwd_chunked(
+            h_s.detach(), w_s.detach(), h_t.detach(), w_t.detach(), labels, None, w_s.shape[0],
+            DIV_CODES[p.divergence], p.beta, p.skew_lambda, p.temperature, p.student_logit_scale,
+            p.student_softcap, p.teacher_logit_scale, p.teacher_softcap, p.ignore_index, 0, p.ce_weight,
+            p.kd_scale, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
+        ce, d, grad_h, grad_w = out[1], out[2], out[6], out[7]
+        count = (labels != p.ignore_index).sum().clamp(min=1)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        return (p.ce_weight * ce.sum() + p.kd_scale * d.sum()) / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else (grad_h * grad).to(ctx.dtypes[0])
+        gw = None if grad_w is None else (grad_w * grad).to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None
 
 
 @contextlib.contextmanager

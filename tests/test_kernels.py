@@ -222,3 +222,35 @@ def test_chunked_ds_split_brings_bf16_grad_to_the_rounding_floor(device, variant
     floor = ((g64.bfloat16().double() - g64).norm() / g64.norm()).item()
     plain, split = rel_err("0"), rel_err("1")
     assert split < 1.3 * floor < plain, (floor, plain, split)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_chunked_gradient_in_forward_launcher(device, variant, divergence):
+    """kd_fwd_bwd_chunked (forward and gradients from the same logits, no recompute) against float64: the
+    loss assembled from its per-row outputs and its gradients at grad_output 1, domain sums included."""
+    if variant != "chunked":
+        pytest.skip("a chunked-variant launcher")
+    from ddk_fast.kernels.kd_chunked import kd_fwd_bwd_chunked
+    from ddk_fast.ops.fused_linear_kd import DIV_CODES
+
+    tensors, labels, domains = make_inputs(n=37, vs=1271, vt=1280)
+    h_s, w_s, h_t, w_t = (t.to(device) for t in tensors)
+    labels, domains = labels.to(device), domains.to(device)
+    kw = dict(divergence=divergence, temperature=2.5, beta=0.3, kd_weight=0.7, ce_weight=0.4)
+    gt, gh, gw = _run(
+        fused_linear_kd_loss_naive, [t.double() for t in (h_s, w_s, h_t, w_t)], labels, domains, grad_out=1.0,
+        compute_dtype=torch.float64, **kw,
+    )  # fmt: skip
+    nv, nh, nw = _run(fused_linear_kd_loss_naive, [h_s, w_s, h_t, w_t], labels, domains, grad_out=1.0, **kw)
+    kd_scale = 0.7 * 2.5**2
+    stats, ce, d, dce, dkd, dtok, th, tw = kd_fwd_bwd_chunked(
+        h_s, w_s, h_t, w_t, labels, domains, 1271, DIV_CODES[divergence], 0.3, 0.1, 2.5, 1.0, 0.0, 1.0, 0.0,
+        -100, 3, 0.4, kd_scale, True, True,
+    )  # fmt: skip
+    count = (labels != -100).sum().clamp(min=1)
+    loss = 0.4 * ce.sum() / count + kd_scale * d.sum() / count
+    assert_oracle(gt.loss, loss, nv.loss, "loss")
+    for name, a, b, c in (("dce", gt.domain_ce_sum, dce, nv.domain_ce_sum), ("dkd", gt.domain_kd_sum, dkd,
+                          nv.domain_kd_sum), ("grad h", gh, th, nh), ("grad w", gw, tw, nw)):  # fmt: skip
+        assert_oracle(a, b, c, name)
+    torch.testing.assert_close(dtok, gt.domain_tokens.float())

@@ -112,6 +112,38 @@ def kd_fwd_chunked(
         del s, t
 
 
+class _DsBuffers:
+    """The [C, V_s] dS buffers of the backward (none for fp32: dS overwrites S in place)."""
+
+    def __init__(self, h_s, rows: int, vocab: int):
+        self.hi = self.lo = None
+        if h_s.dtype != torch.float32:
+            self.hi = torch.empty(rows, vocab, dtype=h_s.dtype, device=h_s.device)
+            if ds_split_enabled():
+                self.lo = torch.empty_like(self.hi)
+
+
+def _chunk_grad(
+    s, t, buffers, h_s, w_s, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap,
+    t_scale, t_cap, ignore_index, need_h, need_w, gh, gw, i, j,
+):  # fmt: skip
+    """dS of rows i:j from their logits (s is overwritten for fp32), then dH[i:j] = dS W_s, dW += dS^T h_s."""
+    ds = s if buffers.hi is None else buffers.hi[: j - i]
+    ds_lo = None if buffers.lo is None else buffers.lo[: j - i]
+    kd_bwd_tiles(
+        s, None, t, None, _part(labels, i, j), stats[:, i:j], g_ce[i:j], g_d[i:j], vocab, div, beta, lam,
+        temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, True, False, True, ds, None, ds_lo,
+    )  # fmt: skip
+    if need_h:
+        matmul_fp32(ds, w_s, out=gh[i:j])
+        if ds_lo is not None:
+            matmul_fp32(ds_lo, w_s, acc=gh[i:j])
+    if need_w:
+        matmul_fp32(ds.T, h_s[i:j], acc=gw)
+        if ds_lo is not None:
+            matmul_fp32(ds_lo.T, h_s[i:j], acc=gw)
+
+
 def kd_bwd_chunked(
     h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
     t_cap, ignore_index, need_h, need_w, gh, gw,
@@ -124,27 +156,55 @@ def kd_bwd_chunked(
     twice the dH / dW GEMM FLOPs."""
     n = h_s.shape[0]
     rows = chunk_rows(n, vocab, h_s.dtype)
-    ds_buffer = ds_lo_buffer = None
-    if h_s.dtype != torch.float32:
-        ds_buffer = torch.empty(min(rows, n), vocab, dtype=h_s.dtype, device=h_s.device)
-        if ds_split_enabled():
-            ds_lo_buffer = torch.empty_like(ds_buffer)
+    buffers = _DsBuffers(h_s, min(rows, n), vocab)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         s, t = _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j)
-        ds = s if ds_buffer is None else ds_buffer[: j - i]  # fp32: dS overwrites S tile by tile, in place
-        ds_lo = None if ds_lo_buffer is None else ds_lo_buffer[: j - i]
-        kd_bwd_tiles(
-            s, None, t, None, _part(labels, i, j), stats[:, i:j], g_ce[i:j], g_d[i:j], vocab, div, beta, lam,
-            temperature, s_scale, s_cap, t_scale, t_cap, ignore_index, True, False, True, ds, None, ds_lo,
+        _chunk_grad(
+            s, t, buffers, h_s, w_s, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale,
+            s_cap, t_scale, t_cap, ignore_index, need_h, need_w, gh, gw, i, j,
         )  # fmt: skip
-        del t
-        if need_h:
-            matmul_fp32(ds, w_s, out=gh[i:j])
-            if ds_lo is not None:
-                matmul_fp32(ds_lo, w_s, acc=gh[i:j])
-        if need_w:
-            matmul_fp32(ds.T, h_s[i:j], acc=gw)
-            if ds_lo is not None:
-                matmul_fp32(ds_lo.T, h_s[i:j], acc=gw)
-        del s
+        del s, t
+
+
+def kd_fwd_bwd_chunked(
+    h_s, w_s, h_t, w_t, labels, domain_ids, vocab: int, div: int, beta: float, lam: float, temperature: float,
+    s_scale: float, s_cap: float, t_scale: float, t_cap: float, ignore_index: int, num_domains: int,
+    ce_weight: float, kd_scale: float, need_h: bool, need_w: bool,
+):  # fmt: skip
+    """Gradient-in-forward (a prototype for the op layer; the benchmark measures it as
+    ``ddk_fast_chunked_gif``): one pass over the chunks computes the forward *and* the gradients of
+    ``loss = ce_weight * sum(ce) / count + kd_scale * sum(d) / count`` (count = counted rows, >= 1; the
+    op's ``_assemble``) at grad_output 1, from the same logits: no recomputed GEMMs, 2 N V_s (2 H_s + H_t)
+    FLOPs in all (the floor). Returns ``kd_fwd``'s six outputs + (grad_h fp32 [N, H_s] or None,
+    grad_w fp32 [V_s, H_s] or None); a backward multiplies them by grad_output."""
+    n = h_s.shape[0]
+    dev = h_s.device
+    stats = torch.empty(4, n, dtype=torch.float32, device=dev)
+    ce = torch.empty(n, dtype=torch.float32, device=dev)
+    d = torch.empty(n, dtype=torch.float32, device=dev)
+    sums = [torch.zeros(num_domains, dtype=torch.float32, device=dev) for _ in range(3)]
+    gh = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need_h else None
+    gw = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_w else None
+    if n == 0:
+        return (stats, ce, d, *sums, gh, gw)
+    valid = (labels != ignore_index) if labels is not None else torch.ones(n, dtype=torch.bool, device=dev)
+    per_row = valid.float() / valid.sum().clamp(min=1).float()  # 1 / count on counted rows (no host sync)
+    g_ce, g_d = per_row * ce_weight, per_row * kd_scale
+    rows = chunk_rows(n, vocab, h_s.dtype)
+    buffers = _DsBuffers(h_s, min(rows, n), vocab)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        s, t = _chunk_logits(h_s, w_s, h_t, w_t, vocab, i, j)
+        kd_fwd_tiles(
+            s, None, t, None, _part(labels, i, j), _part(domain_ids, i, j), vocab, div, beta, lam, temperature,
+            s_scale, s_cap, t_scale, t_cap, ignore_index, num_domains, True,
+            (stats[:, i:j], ce[i:j], d[i:j], *sums), splits=True,
+        )  # fmt: skip
+        if need_h or need_w:
+            _chunk_grad(
+                s, t, buffers, h_s, w_s, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale,
+                s_cap, t_scale, t_cap, ignore_index, need_h, need_w, gh, gw, i, j,
+            )  # fmt: skip
+        del s, t
+    return (stats, ce, d, *sums, gh, gw)
