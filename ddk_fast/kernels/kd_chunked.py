@@ -16,7 +16,8 @@ this is <= CHUNK_LOGIT_BYTES) + O(N) stats; the weights are read once per chunk 
 
 FLOPs (training step, frozen head): 2 N V_s (H_s + H_t) forward + the same again for the recompute + 2 N V_s
 H_s for dH; the fused kernels in kd_forward.py / kd_backward.py do the same count, but here the matmuls run at
-cuBLAS speed and the Triton kernel only streams logits.
+cuBLAS speed and the Triton kernel only streams logits. ``kd_fwd_bwd_chunked`` (gradient-in-forward) does the
+forward and the gradient from the same logits: 2 N V_s (2 H_s + H_t), the floor, with no recompute.
 """
 
 from __future__ import annotations
