@@ -254,3 +254,29 @@ def test_chunked_gradient_in_forward_launcher(device, variant, divergence):
                           nv.domain_kd_sum), ("grad h", gh, th, nh), ("grad w", gw, tw, nw)):  # fmt: skip
         assert_oracle(a, b, c, name)
     torch.testing.assert_close(dtok, gt.domain_tokens.float())
+
+
+def test_autotune_caches_a_config_and_changes_no_result(device, variant, monkeypatch):
+    """DDK_FAST_KD_AUTOTUNE=1: each launcher times its candidate blocks once per key (into scratch outputs),
+    caches the fastest, and the results equal the untuned ones."""
+    from ddk_fast.kernels import kd_common
+    from ddk_fast.kernels.kd_backward import kd_bwd
+    from ddk_fast.kernels.kd_forward import kd_fwd
+
+    (h_s, w_s, h_t, w_t), labels, domains = make_inputs(n=21, vs=300, vt=300)
+    h_s, w_s, h_t, w_t, labels, domains = (x.to(device) for x in (h_s, w_s, h_t, w_t, labels, domains))
+    scalars = (300, 2, 0.3, 0.1, 2.0, 1.0, 0.0, 1.0, 0.0, -100)
+    g_ce, g_d = torch.rand(21, device=device), torch.rand(21, device=device)
+
+    def launch():
+        fwd = kd_fwd(h_s, w_s, h_t, w_t, labels, domains, *scalars, 3, False)
+        return (*fwd, *kd_bwd(h_s, w_s, h_t, w_t, labels, fwd[0], g_ce, g_d, *scalars, True, True, False))
+
+    monkeypatch.setenv(kd_common.AUTOTUNE_ENV, "0")
+    plain = launch()
+    monkeypatch.setattr(kd_common, "_TUNED", {})
+    monkeypatch.setenv(kd_common.AUTOTUNE_ENV, "1")
+    tuned = launch()
+    assert {k[0] for k in kd_common._TUNED} == {"fwd", "bwd"}
+    for a, b in zip(plain, tuned):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)

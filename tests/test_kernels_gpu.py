@@ -223,3 +223,22 @@ def test_chunked_ds_split_reaches_bf16_rounding_floor(variant, monkeypatch):
     floor = ((g64.bfloat16().double() - g64).norm() / g64.norm()).item()
     err = ((g.double() - g64).norm() / g64.norm()).item()
     assert err < 1.3 * floor, (err, floor)
+
+
+def test_autotuned_configs_give_the_same_results(variant, monkeypatch):
+    """The GPU tuner's candidate blocks (DDK_FAST_KD_AUTOTUNE=1, fresh cache) give the default blocks'
+    results."""
+    from ddk_fast.kernels import kd_common
+
+    tensors, labels, domains = _inputs(700, 512, 768, 20011, 20032, torch.bfloat16)
+    res = []
+    for tune in ("0", "1"):
+        monkeypatch.setenv(kd_common.AUTOTUNE_ENV, tune)
+        monkeypatch.setattr(kd_common, "_TUNED", {})
+        res.append(
+            _run(fused_linear_kd_loss, tensors, labels, domains, True, backend="triton", divergence="jsd")
+        )
+    (a, ah, aw), (b, bh, bw) = res
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ah.float(), bh.float(), rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(aw.float(), bw.float(), rtol=2e-2, atol=1e-4)

@@ -33,7 +33,8 @@ from .kd_common import (
     dot_precision,
     kernel_variant,
     strides,
-    tile_blocks,
+    tile_configs,
+    tuned_config,
     upcast,
 )
 
@@ -183,14 +184,33 @@ def _kd_bwd_kernel(
 
 def kd_bwd_tiles(
     h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
-    t_cap, ignore_index, need_h, need_w, from_logits, gh, gw, ds_lo=None,
+    t_cap, ignore_index, need_h, need_w, from_logits, gh, gw, ds_lo=None, config=None,
 ):  # fmt: skip
     """Launch ``_kd_bwd_kernel`` into ``gh`` / ``gw`` (fp32, zeroed; FROM_LOGITS: ``gh`` receives dS, rounded
-    to its dtype, and ``ds_lo`` (optional, same shape and strides) the rounding remainder dS - hi)."""
+    to its dtype, and ``ds_lo`` (optional, same shape and strides) the rounding remainder dS - hi).
+    ``config``: (BLOCK_N, BLOCK_V, BLOCK_K, num_warps), else tuned (into scratch copies: ``gh`` may be the
+    student logits themselves, overwritten in place)."""
+    import torch
+
     n = h_s.shape[0]
     h_s_k = 0 if from_logits else h_s.shape[1]
     h_t_k = 0 if from_logits else h_t.shape[1]
-    bn, bv, bk, warps = tile_blocks(n, max(h_s_k, h_t_k), from_logits)
+    if config is None:
+        args = (h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale,
+                s_cap, t_scale, t_cap, ignore_index, need_h, need_w, from_logits)  # fmt: skip
+
+        def scratch(t):
+            return None if t is None else torch.zeros_like(t)
+
+        key = ("bwd", triton.next_power_of_2(n), vocab, h_s_k, h_t_k, h_s.dtype, div, from_logits,
+               labels is not None, need_h, need_w, ds_lo is not None)  # fmt: skip
+        config = tuned_config(
+            key,
+            tile_configs(n, max(h_s_k, h_t_k), from_logits),
+            lambda c: kd_bwd_tiles(*args, scratch(gh), scratch(gw), scratch(ds_lo), config=c),
+            h_s.device,
+        )
+    bn, bv, bk, warps = config
     ws = h_s if from_logits else w_s
     wt = h_t if from_logits else w_t
     has_labels = labels is not None

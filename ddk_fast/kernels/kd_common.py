@@ -303,15 +303,71 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tile_blocks(n: int, k: int, from_logits: bool):
-    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps) of the tiled kernels."""
-    if interpreted():
+# Launch configurations (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) the GPU tuner tries, the first the default
+GPU_TILE_CONFIGS = ((GPU_BLOCK_N, GPU_BLOCK_V, GPU_BLOCK_K, GPU_WARPS), (128, 128, 64, 8), (64, 256, 64, 8))
+GPU_LOGITS_CONFIGS = ((LOGITS_BLOCK_N, LOGITS_BLOCK_V, 16, GPU_WARPS), (8, 2048, 16, 8), (4, 4096, 16, 8))
+AUTOTUNE_ENV = "DDK_FAST_KD_AUTOTUNE"  # unset: on for CUDA tensors; "0" off; "1" on (also interpreted)
+AUTOTUNE_REPS = 3
+_TUNED: dict = {}  # (kernel, shape bucket, flags) -> the fastest configuration, per process
+
+
+def tile_configs(n: int, k: int, from_logits: bool):
+    """The candidate (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) of the tiled kernels, the default first."""
+    if interpreted():  # few, large tiles (each op is a numpy call); two so the tuner's logic is testable
         bn = max(16, min(INTERP_BLOCK_N_MAX, triton.next_power_of_2(n)))
+        bk = max(16, min(INTERP_BLOCK_K_MAX, triton.next_power_of_2(max(k, 1))))
         bv = INTERP_LOGITS_BLOCK_V if from_logits else INTERP_BLOCK_V
-        return bn, bv, max(16, min(INTERP_BLOCK_K_MAX, triton.next_power_of_2(max(k, 1)))), 1
-    if from_logits:
-        return LOGITS_BLOCK_N, LOGITS_BLOCK_V, 16, GPU_WARPS
-    return GPU_BLOCK_N, GPU_BLOCK_V, GPU_BLOCK_K, GPU_WARPS
+        return ((bn, bv, bk, 1), (bn, bv // 2, bk, 1))
+    return GPU_LOGITS_CONFIGS if from_logits else GPU_TILE_CONFIGS
+
+
+def tile_blocks(n: int, k: int, from_logits: bool):
+    """The default (BLOCK_N, BLOCK_V, BLOCK_K, num_warps) of the tiled kernels."""
+    return tile_configs(n, k, from_logits)[0]
+
+
+def autotune_enabled(device) -> bool:
+    env = os.environ.get(AUTOTUNE_ENV, "")
+    if env:
+        return env != "0"
+    return device.type == "cuda" and not interpreted()
+
+
+def _launch_ms(run, config, device) -> float:
+    import time
+
+    import torch
+
+    run(config)  # compile and warm
+    if interpreted():  # tuning is only exercised there (tests): one timed call is enough
+        t0 = time.perf_counter()
+        run(config)
+        return (time.perf_counter() - t0) * 1e3
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(AUTOTUNE_REPS):
+            run(config)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    for _ in range(AUTOTUNE_REPS):
+        run(config)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def tuned_config(key, candidates, run, device):
+    """The fastest of ``candidates`` for ``key``, timed once per process (``run(config)`` launches into scratch
+    outputs only) and cached; the first candidate when tuning is off. ``key`` buckets N to a power of 2, so a
+    training run tunes once per distinct (kernel, V, H, flags)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or not autotune_enabled(device):
+        return candidates[0]
+    best = min(candidates, key=lambda c: _launch_ms(run, c, device))
+    _TUNED[key] = best
+    return best
 
 
 def upcast(t) -> bool:

@@ -47,7 +47,8 @@ from .kd_common import (
     kernel_variant,
     num_programs_target,
     strides,
-    tile_blocks,
+    tile_configs,
+    tuned_config,
     upcast,
 )
 
@@ -462,18 +463,29 @@ def split_plan(n_row_blocks: int, vocab: int, block_v: int, device, splits: bool
 
 def kd_fwd_tiles(
     h_s, w_s, h_t, w_t, labels, domain_ids, vocab, div, beta, lam, temperature, s_scale, s_cap, t_scale,
-    t_cap, ignore_index, num_domains, from_logits, outputs, splits: bool,
+    t_cap, ignore_index, num_domains, from_logits, outputs, splits: bool, config=None,
 ):  # fmt: skip
     """Passes 1 (+2) of the tiled kernels into ``outputs`` = (stats [4, N], ce, d, dce, dkd, dtok);
     ``splits``: the vsplit work split (else one program per row block). Also used by kd_chunked.py over a
-    chunk of logits (``from_logits``)."""
+    chunk of logits (``from_logits``). ``config``: (BLOCK_N, BLOCK_V, BLOCK_K, num_warps), else tuned."""
     import torch
 
     stats, ce, d, dce, dkd, dtok = outputs
     n = h_s.shape[0]
     h_s_k = 0 if from_logits else h_s.shape[1]
     h_t_k = 0 if from_logits else h_t.shape[1]
-    bn, bv, bk, warps = tile_blocks(n, max(h_s_k, h_t_k), from_logits)
+    if config is None:
+        args = (h_s, w_s, h_t, w_t, labels, domain_ids, vocab, div, beta, lam, temperature, s_scale, s_cap,
+                t_scale, t_cap, ignore_index, num_domains, from_logits)  # fmt: skip
+        key = ("fwd", triton.next_power_of_2(n), vocab, h_s_k, h_t_k, h_s.dtype, div, from_logits, splits,
+               labels is not None, domain_ids is not None, temperature == 1.0)  # fmt: skip
+        config = tuned_config(
+            key,
+            tile_configs(n, max(h_s_k, h_t_k), from_logits),
+            lambda c: kd_fwd_tiles(*args, [torch.zeros_like(o) for o in outputs], splits, config=c),
+            h_s.device,
+        )
+    bn, bv, bk, warps = config
     ws = h_s if from_logits else w_s
     wt = h_t if from_logits else w_t
     has_labels = labels is not None
