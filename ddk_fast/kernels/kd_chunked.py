@@ -67,15 +67,15 @@ def matmul_fp32(a, b, out=None, acc=None):
     fp32 result (fp32 accumulation, never rounded to 16 bits); elsewhere they are upcast (exact products)."""
     lowp = a.dtype != torch.float32
     if lowp and a.is_cuda and _mm_out_dtype_ok():
-        try:
-            if acc is not None:
+        if acc is not None:
+            try:
                 return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            if out is not None:
-                return torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # an older torch: fall through to the exact upcast
-            pass
-    if lowp:
+            except RuntimeError:  # a torch that refuses out aliasing self: one temporary of acc's size
+                return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        if out is not None:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if lowp:  # CPU, or a torch without mm(out_dtype=): exact products, fp32 accumulation, slower
         a, b = a.float(), b.float()
     if acc is not None:
         return acc.addmm_(a, b)
