@@ -22,7 +22,8 @@ def table(rows: list[dict]) -> str:
         f"{head.get('device', '?')}, torch {head.get('torch')}, triton {head.get('triton')}, "
         f"{head.get('date')}, git {head.get('git_sha')}; bf16 inputs, frozen student head, fwd+bwd, "
         f"median of `reps` CUDA-event timings; floor = 2 N V (2 H_s + H_t) FLOP at the measured dense bf16 "
-        f"matmul rate ({_fmt(head.get('matmul_tflops'), '.0f')} TFLOP/s)",
+        f"matmul rate ({_fmt(head.get('matmul_tflops'), '.0f')} TFLOP/s); x vs P = P's ms / this row's ms "
+        f"(> 1: faster than P)",
         "",
         "| shape | div | impl | ms | TFLOP/s | % of floor speed | extra GB | max rel grad err | "
         "x vs eager | x vs compile | x vs liger |",
