@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from .ddk import domain_discrepancy, smooth_domain_weights
-from .losses import FusedLinearKDLoss, KDLoss, KDOutput, fused_linear_kd_loss, kd_loss
+from .losses import FusedLinearKDLoss, KDLoss, KDOutput, KDParams, fused_linear_kd_loss, kd_loss
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "kd_loss",
     "KDLoss",
     "KDOutput",
+    "KDParams",
     *_LAZY,
 ]
 

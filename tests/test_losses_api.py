@@ -58,7 +58,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
         (2, torch.randn(5, 12), r"teacher_hidden: expected 6 rows"),
         (3, torch.randn(24, 11), r"teacher_weight: expected shape \[V_t, 12\]"),
         (3, torch.randn(19, 12), r"teacher_weight: expected V_t >= V_s = 20 .*got V_t = 19"),
-        (0, torch.randn(6, 8, 1), r"student_hidden: expected a 2-D tensor"),
+        (0, torch.randn(6, 8, 1, 1), r"student_hidden: expected a \[B, T, H\] or \[N, H\] tensor"),
+        (2, torch.randn(6, 12, 1), r"teacher_hidden: expected a 2-D tensor"),
         (0, torch.zeros(6, 8, dtype=torch.long), r"student_hidden: expected a floating-point tensor"),
     ],
 )

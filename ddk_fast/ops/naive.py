@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import KDOutput, KDParams, _valid_mask, make_params
+from .params import KDOutput, KDParams, make_params
+from .reference import _valid_mask
 
 
 def _kl_from_logprobs(la, lb):

@@ -13,11 +13,13 @@ teacher rows ``>= V_s`` are vocabulary padding and are never read), temperature 
     skew_reverse_kl  D = KL(q || lam q + (1-lam) p)
     total_variation  D = 1/2 sum |p - q|
 
-    loss = ce_weight * mean_i CE_i + kd_weight * (T^2 if scale_by_t2 else 1) * mean_i D_i
+    loss = (ce_weight * sum_i CE_i + kd_weight * (T^2 if scale_by_t2 else 1) * sum_i D_i) / divisor
 
-means over the tokens whose label is not ``ignore_index`` (all tokens without labels); an all-ignored batch
-gives loss 0 and zero gradients. Optional per-model logit transforms (fp32, after the matmul, before T):
-``logits = softcap * tanh(scale * raw / softcap)`` (Gemma-2 final-logit soft-capping, Cohere logit scale).
+sums over the tokens whose label is not ``ignore_index`` (all tokens without labels); the divisor is their
+count (a mean; an all-ignored batch gives loss 0 and zero gradients) unless the caller passes one (1 for
+``reduction="sum"``, Hugging Face's ``num_items_in_batch``). Optional per-model logit transforms (after the
+matmul and the optional head bias, before T): ``logits = softcap * tanh(scale * raw / softcap)`` (Gemma-2
+final-logit soft-capping, Cohere logit scale).
 
 Gradient w.r.t. the tempered student logits z = s/T, g_j = dD/dq_j: ``dD/dz_j = q_j (g_j - sum_k q_k g_k)``:
     forward_kl  q - p
@@ -27,9 +29,18 @@ and the CE gradient is ``softmax(s) - onehot(y)``.
 
 Memory: everything is chunked over tokens (``chunk_size`` rows at a time, default sized so a chunk's
 ``[chunk, V]`` fp32 tile is ~16 MiB); the gradient is computed in the forward pass per chunk
-(gradient-in-forward inside an ``autograd.Function``), so autograd saves only the ``[N, H]`` / ``[V, H]``
-gradients, never a ``[N, V]`` tensor. On CPU this is cheaper than recomputing the logits in backward: the
-teacher matmul is done once (see docs/kernels.md for the measurement).
+(gradient-in-forward), so autograd saves only the ``[N, H]`` / ``[V, H]`` gradients, never a ``[N, V]``
+tensor. On CPU this is cheaper than recomputing the logits in backward: the teacher matmul is done once (see
+docs/kernels.md for the measurement).
+
+Precision: logits, softmax and every sum are computed in fp32 whatever the input dtype and whatever the
+autocast state (autocast is switched off inside), or in fp64 when any input matrix is fp64; gradients are
+returned in the inputs' dtypes.
+
+``torch.compile``: the chunk loop runs inside two ``torch.library.custom_op``s (``ddk_fast::linear_kd_torch``,
+``ddk_fast::kd_torch``) with fake implementations, so Dynamo sees one opaque node whose token count is
+symbolic: a new N does not recompile (a loop over ``range(0, N, chunk)`` traced by Dynamo would specialise
+on N). Higher-order gradients are not supported (the gradient is precomputed): ``create_graph=True`` raises.
 
 The plain formula (materialised logits, autograd), used as the float64 ground truth in the tests and as the
 "naive" benchmark provider, is ``ddk_fast/ops/naive.py``: it is a transcription of the math above, not a
@@ -39,148 +50,44 @@ second implementation of this chunked reference.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "total_variation",
+from .params import (  # noqa: F401  (re-exported: the names used to live here)
+    DIVERGENCES,
+    KDOutput,
+    KDParams,
+    check_bias,
+    check_linear_shapes,
+    check_logits,
+    check_tokens,
+    make_params,
 )
 
 # a [chunk, V] fp32 tile of this many elements (16 MiB) by default
 _CHUNK_ELEMENTS = 1 << 22
 
-
-class KDOutput(NamedTuple):
-    """Result of every KD-loss entry point (reference, naive and Triton).
-
-    Attributes:
-        loss: scalar float32, differentiable: ``ce_weight*CE + kd_weight*(T^2 if scale_by_t2)*D``.
-        ce: scalar float32, detached: mean CE over counted tokens (0 without labels).
-        kd: scalar float32, detached: mean divergence D over counted tokens (no T^2, no kd_weight).
-        domain_ce_sum: ``[num_domains]`` float32, detached: sum of CE over counted tokens of each domain.
-        domain_kd_sum: ``[num_domains]`` float32, detached: sum of D (no T^2, no kd_weight) per domain.
-        domain_tokens: ``[num_domains]`` float32: number of counted tokens per domain.
-    """
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor
-    domain_ce_sum: torch.Tensor
-    domain_kd_sum: torch.Tensor
-    domain_tokens: torch.Tensor
-
-
-class KDParams(NamedTuple):
-    """Validated hyper-parameters shared by the reference and the Triton op (hashable, compile-friendly)."""
-
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    skew_lambda: float = 0.1
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    scale_by_t2: bool = True
-    ignore_index: int = -100
-    num_domains: int = 0
-    student_logit_scale: float = 1.0
-    student_softcap: float = 0.0
-    teacher_logit_scale: float = 1.0
-    teacher_softcap: float = 0.0
-
-    @property
-    def kd_scale(self) -> float:
-        """Multiplier of mean D in the loss."""
-        return self.kd_weight * (self.temperature**2 if self.scale_by_t2 else 1.0)
-
-
-def _number(name: str, value, lo: float | None = None, lo_open: bool = False, hi: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{name}: expected a number {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name}: expected a number <= {hi}, got {value!r}")
-    return float(value)
-
-
-def make_params(
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    scale_by_t2: bool = True,
-    ignore_index: int = -100,
-    num_domains: int = 0,
-    skew_lambda: float = 0.1,
-    student_logit_scale: float = 1.0,
-    student_softcap: float = 0.0,
-    teacher_logit_scale: float = 1.0,
-    teacher_softcap: float = 0.0,
-) -> KDParams:
-    """Validate the hyper-parameters (ValueError naming the argument) and normalise ``jsd`` at beta 0 / 1."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
-    beta = _number("beta", beta, 0.0, hi=1.0)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"  # TRL convention: the beta -> 0 limit
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
-    skew_lambda = _number("skew_lambda", skew_lambda, 0.0)
-    if skew_lambda >= 1.0:
-        raise ValueError(f"skew_lambda: expected a number in [0, 1), got {skew_lambda!r}")
-    if isinstance(scale_by_t2, bool) is False:
-        raise ValueError(f"scale_by_t2: expected a bool, got {scale_by_t2!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 0:
-        raise ValueError(f"num_domains: expected an int >= 0, got {num_domains!r}")
-    return KDParams(
-        divergence=divergence,
-        beta=beta,
-        skew_lambda=skew_lambda,
-        temperature=_number("temperature", temperature, 0.0, lo_open=True),
-        kd_weight=_number("kd_weight", kd_weight, 0.0),
-        ce_weight=_number("ce_weight", ce_weight, 0.0),
-        scale_by_t2=scale_by_t2,
-        ignore_index=ignore_index,
-        num_domains=num_domains,
-        student_logit_scale=_number("student_logit_scale", student_logit_scale, 0.0, lo_open=True),
-        student_softcap=_number("student_softcap", student_softcap, 0.0),
-        teacher_logit_scale=_number("teacher_logit_scale", teacher_logit_scale, 0.0, lo_open=True),
-        teacher_softcap=_number("teacher_softcap", teacher_softcap, 0.0),
-    )
-
-
-def check_tokens(n: int, labels, domain_ids, num_domains: int, device: torch.device) -> None:
-    """Shape/dtype checks of labels and domain ids (no host sync: values are not range-checked)."""
-    for name, t in (("labels", labels), ("domain_ids", domain_ids)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"{name}: expected shape [{n}] (one per token), got {list(t.shape)}")
-        if t.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name}: expected an int64 tensor, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    if domain_ids is not None and num_domains <= 0:
-        raise ValueError(f"num_domains: expected an int > 0 when domain_ids is given, got {num_domains!r}")
+NO_HIGHER_ORDER = (
+    "ddk_fast KD loss: higher-order gradients (backward with create_graph=True) are not supported: the "
+    "gradient is computed in the forward pass, so a graph of it would be wrong. Call backward without "
+    "create_graph, or differentiate ddk_fast.ops.naive.kd_loss_naive instead."
+)
 
 
 def auto_chunk_size(n: int, vocab: int) -> int:
     return max(1, min(n, max(8, _CHUNK_ELEMENTS // max(vocab, 1))))
 
 
+def compute_dtype(*tensors) -> torch.dtype:
+    """fp64 when any input is fp64, else fp32 (bf16 / fp16 inputs are upcast: fp32 accumulation)."""
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
-# per-chunk math (fp32), shared by the logits and the fused-linear references
+# per-chunk math, shared by the logits and the fused-linear references
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -196,7 +103,8 @@ def _transform(raw: torch.Tensor, scale: float, cap: float):
 
 def _chunk_terms(s, t, labels, p: KDParams, need_grad: bool):
     """Per-row CE and D of a chunk, and the gradient of ``ce_weight*CE + kd_scale*D`` w.r.t. ``s`` (per row,
-    unweighted by 1/n). ``s``: [C, V] fp32, ``t``: [C, V] fp32, ``labels``: [C] or None."""
+    unweighted by 1/n). ``s``, ``t``: [C, V] in the compute dtype (fp32; fp64 for fp64 inputs);
+    ``labels``: [C] or None."""
     temp = p.temperature
     inv_t = 1.0 / temp
     lq = torch.log_softmax(s * inv_t if temp != 1.0 else s, dim=-1)
@@ -273,30 +181,49 @@ def _valid_mask(labels, n: int, ignore_index: int, device) -> torch.Tensor:
     return labels != ignore_index
 
 
-def _finish(ce_rows, d_rows, valid, domain_ids, p: KDParams):
-    """Means, loss and per-domain sums from per-row CE and D (ignored rows must already be 0)."""
-    validf = valid.float()
-    n = validf.sum()
-    inv_n = 1.0 / n.clamp(min=1.0)
-    ce = ce_rows.sum() * inv_n
-    kd = d_rows.sum() * inv_n
-    loss = p.ce_weight * ce + p.kd_scale * kd
+def _inv_divisor(valid, divisor, dt):
+    """1 / (counted tokens, at least 1), or 1 / divisor when the caller gives one (sum, num_items)."""
+    if divisor is None:
+        return 1.0 / valid.to(dt).sum().clamp(min=1.0)
+    return 1.0 / divisor.to(dt)
+
+
+def _finish(ce_rows, d_rows, valid, domain_ids, p: KDParams, inv_div):
+    """Loss, means and per-domain sums from per-row CE and D (ignored rows must already be 0)."""
+    validf = valid.to(ce_rows.dtype)
+    inv_n = 1.0 / validf.sum().clamp(min=1.0)
+    ce_sum, d_sum = ce_rows.sum(), d_rows.sum()
+    loss = (p.ce_weight * ce_sum + p.kd_scale * d_sum) * inv_div
     nd = p.num_domains
-    dev = ce_rows.device
-    dce = torch.zeros(nd, dtype=torch.float32, device=dev)
-    dkd = torch.zeros(nd, dtype=torch.float32, device=dev)
-    dtok = torch.zeros(nd, dtype=torch.float32, device=dev)
+    dce = ce_rows.new_zeros(nd)
+    dkd = ce_rows.new_zeros(nd)
+    dtok = ce_rows.new_zeros(nd)
     if domain_ids is not None and nd > 0:
         idx = domain_ids.long()
         dce.index_add_(0, idx, ce_rows)
         dkd.index_add_(0, idx, d_rows)
         dtok.index_add_(0, idx, validf)
-    return loss, ce, kd, dce, dkd, dtok, inv_n
+    return loss, ce_sum * inv_n, d_sum * inv_n, dce, dkd, dtok
 
 
 def _out_from(res) -> KDOutput:
-    loss, ce, kd, dce, dkd, dtok = res
-    return KDOutput(loss, ce.detach(), kd.detach(), dce, dkd, dtok)
+    loss, ce, kd, dce, dkd, dtok = res[:6]
+    return KDOutput(loss, ce.detach(), kd.detach(), dce.detach(), dkd.detach(), dtok.detach())
+
+
+def _check_chunk(chunk_size) -> int:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    return chunk_size or 0
+
+
+def _scalar_fakes(like, dt, nd):
+    f = dict(dtype=dt, device=like.device)
+    return tuple(like.new_empty((), **f) for _ in range(3)) + tuple(
+        like.new_empty((nd,), **f) for _ in range(3)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,104 +231,99 @@ def _out_from(res) -> KDOutput:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class FusedLinearKDReferenceFunction(torch.autograd.Function):
-    """Chunked gradient-in-forward; saves only grad_h [N, H_s] fp32 and grad_w [V_s, H_s] fp32."""
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, domain_ids, p: KDParams, chunk_size, need_h, need_w):
-        n, _ = h_s.shape
-        v = w_s.shape[0]
-        dev = h_s.device
-        w_s32 = w_s.float()  # no copy for fp32 weights; bf16 logits are accumulated and kept in fp32
-        w_t32 = w_t[:v].float()
-        chunk = chunk_size or auto_chunk_size(n, v)
-        valid = _valid_mask(labels, n, p.ignore_index, dev)
-        ce_rows = torch.empty(n, dtype=torch.float32, device=dev)
-        d_rows = torch.empty(n, dtype=torch.float32, device=dev)
-        grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_w else None
-        need_grad = need_h or need_w
-        # 1/n is known before the loop (tensor, no host sync) so each chunk's gradient is final
-        inv_n = 1.0 / valid.float().sum().clamp(min=1.0)
-        for i in range(0, n, chunk):
-            j = min(i + chunk, n)
-            hs = h_s[i:j].float()
-            raw_s = hs @ w_s32.T
-            s, ds = _transform(raw_s, p.student_logit_scale, p.student_softcap)
-            t, _ = _transform(h_t[i:j].float() @ w_t32.T, p.teacher_logit_scale, p.teacher_softcap)
-            del raw_s
-            lab = labels[i:j] if labels is not None else None
-            ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
-            del s, t
-            vm = valid[i:j]
-            ce_rows[i:j] = torch.where(vm, ce, 0.0)
-            d_rows[i:j] = torch.where(vm, d, 0.0)
-            if need_grad:
-                g.mul_((vm.float() * inv_n)[:, None])
-                if ds is not None:
-                    g.mul_(ds)
-                if need_h:
-                    torch.mm(g, w_s32, out=grad_h[i:j])
-                if need_w:
-                    grad_w.addmm_(g.T, hs)
-        loss, ce, kd, dce, dkd, dtok, _ = _finish(ce_rows, d_rows, valid, domain_ids, p)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h_s.dtype, w_s.dtype)
-        ctx.mark_non_differentiable(ce, kd, dce, dkd, dtok)
-        return loss, ce, kd, dce, dkd, dtok
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = gw = None
-        if grad_h is not None and ctx.needs_input_grad[0]:
-            gh = (grad_h * grad_loss).to(ctx.dtypes[0])
-        if grad_w is not None and ctx.needs_input_grad[1]:
-            gw = (grad_w * grad_loss).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None, None, None, None
+def _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, p: KDParams, chunk: int,
+               need_h: bool, need_w: bool, need_b: bool):  # fmt: skip
+    n = h_s.shape[0]
+    v = w_s.shape[0]
+    dev = h_s.device
+    dt = compute_dtype(h_s, w_s, h_t, w_t)
+    w_s32 = w_s.to(dt)  # no copy for fp32 weights; bf16 logits are accumulated and kept in fp32
+    w_t32 = w_t[:v].to(dt)
+    b_s32 = b_s.to(dt) if b_s is not None else None
+    b_t32 = b_t[:v].to(dt) if b_t is not None else None
+    chunk = chunk or auto_chunk_size(n, v)
+    valid = _valid_mask(labels, n, p.ignore_index, dev)
+    ce_rows = torch.empty(n, dtype=dt, device=dev)
+    d_rows = torch.empty(n, dtype=dt, device=dev)
+    grad_h = torch.empty(h_s.shape, dtype=dt, device=dev) if need_h else h_s.new_empty(0, dtype=dt)
+    grad_w = torch.zeros(w_s.shape, dtype=dt, device=dev) if need_w else h_s.new_empty(0, dtype=dt)
+    grad_b = torch.zeros(v, dtype=dt, device=dev) if need_b else h_s.new_empty(0, dtype=dt)
+    need_grad = need_h or need_w or need_b
+    # 1/divisor is known before the loop (a tensor: no host sync) so each chunk's gradient is final
+    inv_div = _inv_divisor(valid, divisor, dt)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        hs = h_s[i:j].to(dt)
+        raw_s = hs @ w_s32.T
+        if b_s32 is not None:
+            raw_s += b_s32
+        s, ds = _transform(raw_s, p.student_logit_scale, p.student_softcap)
+        raw_t = h_t[i:j].to(dt) @ w_t32.T
+        if b_t32 is not None:
+            raw_t += b_t32
+        t, _ = _transform(raw_t, p.teacher_logit_scale, p.teacher_softcap)
+        del raw_s, raw_t
+        lab = labels[i:j] if labels is not None else None
+        ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
+        del s, t
+        vm = valid[i:j]
+        ce_rows[i:j] = torch.where(vm, ce, 0.0)
+        d_rows[i:j] = torch.where(vm, d, 0.0)
+        if need_grad:
+            g.mul_((vm.to(dt) * inv_div)[:, None])
+            if ds is not None:
+                g.mul_(ds)
+            if need_h:
+                torch.mm(g, w_s32, out=grad_h[i:j])
+            if need_w:
+                grad_w.addmm_(g.T, hs)
+            if need_b:
+                grad_b += g.sum(0)
+    return _finish(ce_rows, d_rows, valid, domain_ids, p, inv_div) + (grad_h, grad_w, grad_b)
 
 
-def check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
-    """ValueError naming the argument when the four matrices do not fit together."""
-    for name, t in (
-        ("student_hidden", student_hidden),
-        ("student_weight", student_weight),
-        ("teacher_hidden", teacher_hidden),
-        ("teacher_weight", teacher_weight),
-    ):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-        if t.device != student_hidden.device:
-            raise ValueError(
-                f"{name}: expected a tensor on {student_hidden.device} (student_hidden's), got {t.device}"
-            )
-    n, hs = student_hidden.shape
-    if student_weight.shape[1] != hs:
-        raise ValueError(
-            f"student_weight: expected shape [V_s, {hs}] (H_s of student_hidden), "
-            f"got {list(student_weight.shape)}"
-        )
-    if teacher_hidden.shape[0] != n:
-        raise ValueError(
-            f"teacher_hidden: expected {n} rows (one per student token), "
-            f"got shape {list(teacher_hidden.shape)}"
-        )
-    ht = teacher_hidden.shape[1]
-    if teacher_weight.shape[1] != ht:
-        raise ValueError(
-            f"teacher_weight: expected shape [V_t, {ht}] (H_t of teacher_hidden), "
-            f"got {list(teacher_weight.shape)}"
-        )
-    if teacher_weight.shape[0] < student_weight.shape[0]:
-        raise ValueError(
-            f"teacher_weight: expected V_t >= V_s = {student_weight.shape[0]} "
-            "(teacher rows >= V_s are padding), "
-            f"got V_t = {teacher_weight.shape[0]}"
-        )
+@torch.library.custom_op("ddk_fast::linear_kd_torch", mutates_args=())
+def linear_kd_torch_op(
+    h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, b_s: Tensor | None, b_t: Tensor | None,
+    labels: Tensor | None, domain_ids: Tensor | None, divisor: Tensor | None,
+    ints: list[int], floats: list[float], chunk: int, need_h: bool, need_w: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(loss, ce, kd, domain_ce_sum, domain_kd_sum, domain_tokens, grad_h, grad_w, grad_b); gradients of
+    ``loss`` in the compute dtype, ``[0]`` when not needed."""
+    with torch.autocast(h_s.device.type, enabled=False):
+        return _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor,
+                          KDParams.from_op(ints, floats), chunk, need_h, need_w, need_b)  # fmt: skip
+
+
+@linear_kd_torch_op.register_fake
+def _(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, ints, floats, chunk, need_h, need_w, need_b):
+    dt = compute_dtype(h_s, w_s, h_t, w_t)
+    f = dict(dtype=dt)
+    grads = (
+        h_s.new_empty(h_s.shape if need_h else (0,), **f),
+        h_s.new_empty(w_s.shape if need_w else (0,), **f),
+        h_s.new_empty((w_s.shape[0],) if need_b else (0,), **f),
+    )
+    return _scalar_fakes(h_s, dt, ints[2]) + grads
+
+
+def _linear_setup(ctx, inputs, output):
+    h_s, w_s, _h_t, _w_t, b_s = inputs[:5]
+    ctx.save_for_backward(*output[6:9])
+    ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+
+
+def _linear_backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_HIGHER_ORDER)
+    out = [None] * 15
+    for k, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
+        if ctx.needs_input_grad[(0, 1, 4)[k]] and g.numel():
+            out[(0, 1, 4)[k]] = (g * grad_loss.to(g.dtype)).to(dt)
+    return tuple(out)
+
+
+linear_kd_torch_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def fused_linear_kd_loss_reference(
@@ -421,38 +343,39 @@ def fused_linear_kd_loss_reference(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     params: KDParams | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divisor: torch.Tensor | None = None,
     **extras,
 ) -> KDOutput:
     """Plain-torch fused ``lm_head`` + KD loss, chunked over tokens (the CPU path; see the module docstring).
 
     Shapes: ``student_hidden`` [N, H_s], ``student_weight`` [V_s, H_s], ``teacher_hidden`` [N, H_t],
-    ``teacher_weight`` [V_t >= V_s, H_t], ``labels``/``domain_ids`` [N] int64. Any float dtype; logits are
-    computed and kept in fp32. Gradients: ``student_hidden`` and ``student_weight`` when they require grad;
-    the teacher gets none. ``extras``: ``skew_lambda``, ``student_logit_scale``, ``student_softcap``,
-    ``teacher_logit_scale``, ``teacher_softcap``. Peak extra memory ~ 6 x chunk_size x V_s x 4 bytes.
+    ``teacher_weight`` [V_t >= V_s, H_t], ``labels``/``domain_ids`` [N] int64, biases [V_s] / [V_t]. Any float
+    dtype; logits are computed and kept in fp32 (fp64 for fp64 inputs). Gradients: ``student_hidden``,
+    ``student_weight`` and ``student_bias`` when they require grad; the teacher gets none. ``divisor``: 0-d
+    tensor replacing the token count of the mean. ``extras``: ``skew_lambda``, ``student_logit_scale``,
+    ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``. Peak extra memory ~ 6 x chunk_size x
+    V_s x 4 bytes.
     """
     p = params or make_params(
         divergence, beta, temperature, kd_weight, ce_weight, scale_by_t2, ignore_index, num_domains, **extras
     )
     check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    check_bias("student_bias", student_bias, student_weight)
+    check_bias("teacher_bias", teacher_bias, teacher_weight)
     check_tokens(student_hidden.shape[0], labels, domain_ids, p.num_domains, student_hidden.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    chunk = _check_chunk(chunk_size)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and student_hidden.requires_grad
     need_w = grad_on and student_weight.requires_grad
-    res = FusedLinearKDReferenceFunction.apply(
-        student_hidden,
-        student_weight,
-        teacher_hidden.detach(),
-        teacher_weight.detach(),
-        labels,
-        domain_ids,
-        p,
-        chunk_size,
-        need_h,
-        need_w,
-    )
+    need_b = grad_on and student_bias is not None and student_bias.requires_grad
+    res = linear_kd_torch_op(
+        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), student_bias,
+        teacher_bias.detach() if teacher_bias is not None else None, labels, domain_ids, divisor,
+        p.op_ints(), p.op_floats(), chunk, need_h, need_w, need_b,
+    )  # fmt: skip
     return _out_from(res)
 
 
@@ -461,65 +384,61 @@ def fused_linear_kd_loss_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class KDReferenceFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s_all, t_all, labels, domain_ids, p: KDParams, chunk_size, need_grad):
-        n, v = s_all.shape
-        dev = s_all.device
-        chunk = chunk_size or auto_chunk_size(n, v)
-        valid = _valid_mask(labels, n, p.ignore_index, dev)
-        ce_rows = torch.empty(n, dtype=torch.float32, device=dev)
-        d_rows = torch.empty(n, dtype=torch.float32, device=dev)
-        grad = torch.empty(s_all.shape, dtype=s_all.dtype, device=dev) if need_grad else None
-        inv_n = 1.0 / valid.float().sum().clamp(min=1.0)
-        for i in range(0, n, chunk):
-            j = min(i + chunk, n)
-            s, ds = _transform(s_all[i:j].float(), p.student_logit_scale, p.student_softcap)
-            t, _ = _transform(t_all[i:j, :v].float(), p.teacher_logit_scale, p.teacher_softcap)
-            lab = labels[i:j] if labels is not None else None
-            ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
-            vm = valid[i:j]
-            ce_rows[i:j] = torch.where(vm, ce, 0.0)
-            d_rows[i:j] = torch.where(vm, d, 0.0)
-            if need_grad:
-                g.mul_((vm.float() * inv_n)[:, None])
-                if ds is not None:
-                    g.mul_(ds)
-                grad[i:j] = g
-        loss, ce, kd, dce, dkd, dtok, _ = _finish(ce_rows, d_rows, valid, domain_ids, p)
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce, kd, dce, dkd, dtok)
-        return loss, ce, kd, dce, dkd, dtok
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        (grad,) = ctx.saved_tensors
-        gs = None
-        if grad is not None and ctx.needs_input_grad[0]:
-            gs = grad * grad_loss.to(grad.dtype)
-        return gs, None, None, None, None, None, None
+def _kd(s_all, t_all, labels, domain_ids, divisor, p: KDParams, chunk: int, need_grad: bool):
+    n, v = s_all.shape
+    dev = s_all.device
+    dt = compute_dtype(s_all, t_all)
+    chunk = chunk or auto_chunk_size(n, v)
+    valid = _valid_mask(labels, n, p.ignore_index, dev)
+    ce_rows = torch.empty(n, dtype=dt, device=dev)
+    d_rows = torch.empty(n, dtype=dt, device=dev)
+    grad = torch.empty(s_all.shape, dtype=s_all.dtype, device=dev) if need_grad else s_all.new_empty(0)
+    inv_div = _inv_divisor(valid, divisor, dt)
+    for i in range(0, n, chunk):
+        j = min(i + chunk, n)
+        s, ds = _transform(s_all[i:j].to(dt), p.student_logit_scale, p.student_softcap)
+        t, _ = _transform(t_all[i:j, :v].to(dt), p.teacher_logit_scale, p.teacher_softcap)
+        lab = labels[i:j] if labels is not None else None
+        ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
+        vm = valid[i:j]
+        ce_rows[i:j] = torch.where(vm, ce, 0.0)
+        d_rows[i:j] = torch.where(vm, d, 0.0)
+        if need_grad:
+            g.mul_((vm.to(dt) * inv_div)[:, None])
+            if ds is not None:
+                g.mul_(ds)
+            grad[i:j] = g
+    return _finish(ce_rows, d_rows, valid, domain_ids, p, inv_div) + (grad,)
 
 
-def check_logits(student_logits, teacher_logits) -> None:
-    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor [N, V], got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if teacher_logits.device != student_logits.device:
-        raise ValueError(
-            f"teacher_logits: expected a tensor on {student_logits.device}, "
-            f"got one on {teacher_logits.device}"
-        )
-    n, v = student_logits.shape
-    if teacher_logits.shape[0] != n or teacher_logits.shape[1] < v:
-        raise ValueError(
-            f"teacher_logits: expected shape [{n}, V_t >= {v}] "
-            f"(student_logits is {list(student_logits.shape)}), "
-            f"got {list(teacher_logits.shape)}"
-        )
+@torch.library.custom_op("ddk_fast::kd_torch", mutates_args=())
+def kd_torch_op(
+    s: Tensor, t: Tensor, labels: Tensor | None, domain_ids: Tensor | None, divisor: Tensor | None,
+    ints: list[int], floats: list[float], chunk: int, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(loss, ce, kd, domain sums x3, grad of loss w.r.t. s in s's dtype or ``[0]``)."""
+    with torch.autocast(s.device.type, enabled=False):
+        return _kd(s, t, labels, domain_ids, divisor, KDParams.from_op(ints, floats), chunk, need_grad)
+
+
+@kd_torch_op.register_fake
+def _(s, t, labels, domain_ids, divisor, ints, floats, chunk, need_grad):
+    return _scalar_fakes(s, compute_dtype(s, t), ints[2]) + (s.new_empty(s.shape if need_grad else (0,)),)
+
+
+def _kd_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[6])
+
+
+def _kd_backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_HIGHER_ORDER)
+    (grad,) = ctx.saved_tensors
+    gs = grad * grad_loss.to(grad.dtype) if ctx.needs_input_grad[0] and grad.numel() else None
+    return (gs,) + (None,) * 8
+
+
+kd_torch_op.register_autograd(_kd_backward, setup_context=_kd_setup)
 
 
 def kd_loss_reference(
@@ -537,6 +456,8 @@ def kd_loss_reference(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     params: KDParams | None = None,
+    *,
+    divisor: torch.Tensor | None = None,
     **extras,
 ) -> KDOutput:
     """KD loss from logits: ``student_logits`` [N, V_s] (gets a gradient in its own dtype),
@@ -546,10 +467,10 @@ def kd_loss_reference(
     )
     check_logits(student_logits, teacher_logits)
     check_tokens(student_logits.shape[0], labels, domain_ids, p.num_domains, student_logits.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size!r}")
+    chunk = _check_chunk(chunk_size)
     need = torch.is_grad_enabled() and student_logits.requires_grad
-    res = KDReferenceFunction.apply(
-        student_logits, teacher_logits.detach(), labels, domain_ids, p, chunk_size, need
-    )
+    res = kd_torch_op(
+        student_logits, teacher_logits.detach(), labels, domain_ids, divisor, p.op_ints(), p.op_floats(),
+        chunk, need,
+    )  # fmt: skip
     return _out_from(res)
