@@ -182,3 +182,29 @@ def test_trainer_gradient_accumulation_4_equals_accumulation_1(tmp_path):
     saved = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert sum(v.numel() for v in saved.values()) == sum(p.numel() for p in tr.model.state_dict().values())
     assert tr.last_kd_output is not None and torch.isfinite(tr.last_kd_output.kd)
+
+
+def test_4bit_qlora_student(tmp_path):
+    """An NF4 4-bit base with LoRA adapters (the head stays full precision): same loss as the full-logits
+    reference of the same quantised model, gradients only in the adapters."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ddk_fast.models import disable_bnb_cpu_repack
+
+    tiny("llama", 64, seed=0).save_pretrained(tmp_path / "s")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "s", quantization_config=q, dtype=torch.float32, device_map={"": "cpu"}
+    )
+    assert disable_bnb_cpu_repack(base) > 0
+    student = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    teacher = tiny("llama", 48, seed=1)
+    b = batch(seed=3)
+    ref = reference_from_logits(student, teacher, b, divergence="forward_kl", temperature=2.0)
+    out = distill_loss(student, teacher, b, divergence="forward_kl", temperature=2.0)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    with_grad = {n for n, p in student.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
