@@ -30,7 +30,7 @@ from .ops.reference import _check_chunk, fused_linear_kd_loss_reference, kd_loss
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "kd_loss", "KDLoss", "KDOutput", "KDParams"]
 
 REDUCTIONS = ("mean", "sum")
-VALIDATE = (True, False, "async")
+VALIDATE = (True, False, "sync")
 
 
 def _full(t):
@@ -119,10 +119,13 @@ def _divisor(reduction, num_items_in_batch, device):
 
 
 def _validate(validate, labels, domain_ids, vocab, p: KDParams):
-    if validate not in VALIDATE or (validate is not True and validate is not False and validate != "async"):
-        raise ValueError(f"validate: expected True, False or 'async', got {validate!r}")
-    if validate is not False:
-        check_token_values(labels, domain_ids, vocab, p.num_domains, p.ignore_index, sync=validate is True)
+    if not (validate is True or validate is False or validate == "sync"):
+        raise ValueError(f"validate: expected True, False or 'sync', got {validate!r}")
+    if validate is False:
+        return
+    t = labels if labels is not None else domain_ids
+    sync = validate == "sync" or (t is not None and t.device.type == "cpu")
+    check_token_values(labels, domain_ids, vocab, p.num_domains, p.ignore_index, sync=sync)
 
 
 def fused_linear_kd_loss(
@@ -183,10 +186,11 @@ def fused_linear_kd_loss(
             micro-batch divided by the count over all of them).
         shift_labels: True when ``labels`` are aligned with the inputs (``labels == input_ids``): position i
             is then scored against label i + 1, the last position of each row is ignored.
-        validate: True: labels outside ``[0, V_s)`` other than ``ignore_index`` and domain ids outside
-            ``[0, num_domains)`` raise ValueError naming the tensor, value and bound (one fused reduction;
-            one host sync per call on CUDA, none on CPU). ``'async'``: the same check as a device-side assert
-            (no sync; on CUDA the error cannot name the value). False: no check (bad labels are clamped).
+        validate: labels outside ``[0, V_s)`` other than ``ignore_index`` and domain ids outside
+            ``[0, num_domains)`` are errors, checked by one fused reduction. True (default): on CPU a
+            ValueError naming the tensor, the value and the bound; on CUDA a device-side assert (no host
+            sync; it cannot name the value). ``'sync'``: the ValueError on CUDA too, at one host sync per
+            call. False: no check (out-of-range labels are then clamped).
         backend: ``auto`` (triton on CUDA, torch on CPU) | ``triton`` | ``torch``; the env var
             ``DDK_FAST_LOSS_BACKEND`` overrides.
         chunk_size: rows per chunk of the torch path (default: ~16 MiB fp32 tiles).

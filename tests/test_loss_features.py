@@ -10,7 +10,7 @@ import torch
 
 from ddk_fast import FusedLinearKDLoss, KDLoss, fused_linear_kd_loss, kd_loss
 from ddk_fast.ops.naive import fused_linear_kd_loss_naive, kd_loss_naive
-from ddk_fast.ops.params import DIVERGENCES
+from ddk_fast.ops.params import DIVERGENCES, check_token_values
 
 from .test_loss_reference import make_inputs
 
@@ -233,8 +233,10 @@ def test_out_of_range_labels_and_domain_ids_raise(bad, match):
         fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, domains, num_domains=3)
     with pytest.raises(ValueError, match=match):
         kd_loss(h_s @ w_s.T, h_t @ w_t.T, labels, domains, num_domains=3)
-    with pytest.raises(RuntimeError, match=r"labels outside \[0, 50\)"):  # the device-side form
-        fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, domains, num_domains=3, validate="async")
+    with pytest.raises(ValueError, match=match):  # the CUDA opt-in: same error, one host sync
+        fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, domains, num_domains=3, validate="sync")
+    with pytest.raises(RuntimeError, match=r"labels outside \[0, 50\)"):  # the CUDA default: device assert
+        check_token_values(labels, domains, 50, 3, -100, sync=False)
     if "labels" in bad:  # validate=False: the old behaviour (clamped), no error
         out = fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, domains, num_domains=3, validate=False)
         assert torch.isfinite(out.loss)
@@ -257,7 +259,7 @@ def test_ignore_index_other_than_default_is_not_flagged():
             {"num_items_in_batch": 8, "reduction": "sum"},
             r"num_items_in_batch: expected None with reduction='sum'",
         ),
-        ({"validate": "yes"}, r"validate: expected True, False or 'async', got 'yes'"),
+        ({"validate": "yes"}, r"validate: expected True, False or 'sync', got 'yes'"),
     ],
 )
 def test_bad_reduction_arguments(kwargs, match):
