@@ -4,6 +4,7 @@ shift_labels, head biases, float64, create_graph, recompilation, and the validat
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -266,3 +267,32 @@ def test_bad_reduction_arguments(kwargs, match):
     h_s, w_s, h_t, w_t, labels, _ = _small()
     with pytest.raises(ValueError, match=match):
         fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, **kwargs)
+
+
+def test_triton_path_bias_sum_and_batched_match_the_torch_path():
+    """The Triton op (interpreted on CPU) with head biases folded into the matmul, reduction='sum' and
+    num_items_in_batch, [B, T, H] + shift_labels: same values and gradients as the torch path."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V = 2, 5, 16, 401
+    h_s = torch.randn(B, T, H, generator=g).to(dev).requires_grad_()
+    w_s = (torch.randn(V, H, generator=g) / 4).to(dev).requires_grad_()
+    b_s = torch.randn(V, generator=g).to(dev).requires_grad_()
+    h_t, w_t = torch.randn(B, T, 24, generator=g).to(dev), (torch.randn(V + 3, 24, generator=g) / 4).to(dev)
+    b_t = torch.randn(V + 3, generator=g).to(dev)
+    ids = torch.randint(0, V, (B, T), generator=g).to(dev)
+    for kw in ({"reduction": "sum"}, {"num_items_in_batch": torch.tensor(7, device=dev)}):
+        outs, grads = [], []
+        for backend in ("torch", "triton"):
+            out = fused_linear_kd_loss(
+                h_s, w_s, h_t, w_t, ids, divergence="jsd", temperature=2.0, student_bias=b_s,
+                teacher_bias=b_t, shift_labels=True, backend=backend, **kw,
+            )  # fmt: skip
+            outs.append(out.loss)
+            grads.append(torch.autograd.grad(out.loss, (h_s, w_s, b_s)))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads[1], grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
