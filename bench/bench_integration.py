@@ -73,8 +73,11 @@ def make_integration_steps(vocab, hidden_s, hidden_t, layers_s, layers_t, batch,
         distill_loss(student, teacher, b, **kw).loss.backward()
         student.zero_grad(set_to_none=True)
 
+    def lookups():  # the integration's only work the direct step does not do (labels: both shift and mask)
+        head_spec(student), head_spec(teacher)
+
     assert head_spec(student)["softcap"] == 0.0  # the direct step applies no logit transform either
-    return {"direct": direct, "distill_loss": integrated}
+    return {"direct": direct, "distill_loss": integrated, "lookups": lookups}
 
 
 def make_validate_steps(n, h, v, device="cpu", dtype=torch.float32):

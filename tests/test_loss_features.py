@@ -184,7 +184,9 @@ def test_create_graph_raises_a_clear_error():
         torch.autograd.grad(kd_loss(s, h_t @ w_t.T, labels).loss, s, create_graph=True)
 
 
-def test_twenty_token_counts_compile_at_most_twice():
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_twenty_token_counts_compile_at_most_twice(dynamic):
+    """Whole graph (fullgraph), default automatic-dynamic shapes or dynamic=True."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -193,7 +195,7 @@ def test_twenty_token_counts_compile_at_most_twice():
     w_s = torch.randn(97, 8, generator=g, requires_grad=True)
     w_t = torch.randn(97, 12, generator=g)
 
-    @torch.compile(backend=counter)
+    @torch.compile(backend=counter, fullgraph=True, dynamic=dynamic)
     def step(h_s, h_t, labels):
         return fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, divergence="jsd").loss
 

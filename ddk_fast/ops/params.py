@@ -105,7 +105,9 @@ class KDParams:
 
 
 def _number(name: str, value, lo: float | None = None, lo_open: bool = False, hi: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # a comparison, not math.isfinite: under torch.compile(dynamic=True) Dynamo makes float arguments
+    # symbolic and cannot trace math.isfinite on them
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ValueError(f"{name}: expected a number {'>' if lo_open else '>='} {lo}, got {value!r}")
