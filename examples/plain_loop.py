@@ -14,10 +14,8 @@ opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
 ids = torch.randint(0, 128, (16, 32))  # your data loader here
 for step in range(20):
     with torch.no_grad():
-        t_hidden = teacher.model(
-            input_ids=ids
-        ).last_hidden_state  # [B, T, H_t] final hidden states: no logits
-    s_hidden = student.model(input_ids=ids).last_hidden_state
+        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, H_t]: no logits
+    s_hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
     out = fused_linear_kd_loss(
         s_hidden, student.lm_head.weight, t_hidden, teacher.lm_head.weight, labels=ids, shift_labels=True,
         divergence="forward_kl", temperature=2.0, kd_weight=1.0, ce_weight=0.0,
