@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 
 ARMS = ("ddk", "ddk_paper", "ddk_nosmooth", "uniform", "static", "ce")
+_UNUSED_DDK_KEYS = {
+    "ddk": frozenset(),
+    "fixed": frozenset({"factor", "factor_temperature", "max_weight", "alpha", "smoothing"}),
+}
 _COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps"}
 log = logging.getLogger("ddk_fast.compare")
 
@@ -101,9 +105,13 @@ def quick_overrides(raw: dict, steps: int) -> dict:
 
 
 def _git_commit() -> str:
+    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -114,6 +122,15 @@ def _hash(obj) -> str:
 
 
 # ------------------------------------------------------------------------------------------- one run
+def _teacher_identity(path: str) -> list:
+    """(name, size, mtime) of the teacher folder's files: a retrained teacher gives a new init key."""
+    if not path or not Path(path).is_dir():
+        return []
+    return sorted(
+        [p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in Path(path).iterdir() if p.is_file()
+    )
+
+
 def shared_student_init(raw: dict, seed: int, out: Path) -> dict:
     """Build the seed's student initialisation once (``out/inits/seed<k>``) and point the config at it."""
     from .config import build_config
@@ -123,7 +140,9 @@ def shared_student_init(raw: dict, seed: int, out: Path) -> dict:
     m = raw.get("model", {})
     if m.get("student"):
         return raw  # a given student folder is shared already
-    folder = out / "inits" / f"seed{seed}"
+    # keyed by what defines the init (the [model] table and the teacher's files): never reuse a stale one
+    teacher_id = _teacher_identity(m.get("teacher", ""))
+    folder = out / "inits" / f"seed{seed}-{_hash([m, teacher_id])}"
     if not (folder / "config.json").exists():
         cfg = build_config(raw)
         device = resolve_device(cfg.train.device)
@@ -169,12 +188,19 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path) -> dict:
     from .report import write_report
     from .trainer import Trainer
 
-    run_dir = out / "runs" / f"{arm}-s{seed}"
     raw = _merge(raw, arm_overrides(arm))
-    raw = _merge(raw, {"train": {"seed": seed}, "output": {"dir": str(run_dir), "progress": False}})
+    # keys that cannot change this arm's training are dropped, so a sweep over them (--set
+    # ddk.factor_temperature=...) reuses the finished baseline runs instead of training them again
+    unused = _UNUSED_DDK_KEYS["ddk" if raw["ddk"].get("mixing", "ddk") == "ddk" else "fixed"]
+    if raw["ddk"].get("factor") == "paper":
+        unused = unused | {"factor_temperature"}
+    raw["ddk"] = {k: v for k, v in raw["ddk"].items() if k not in unused}
+    raw = _merge(raw, {"train": {"seed": seed}, "output": {"progress": False}})
     if arm == "static":
         raw = static_weights(raw)
-    key = _hash(raw)
+    key = _hash(raw)  # the run folder is named by it: sweep variants of one arm live side by side
+    run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
+    raw = _merge(raw, {"output": {"dir": str(run_dir)}})
     done = run_dir / "run_result.json"
     if done.exists():
         row = json.loads(done.read_text())
@@ -315,6 +341,10 @@ def compare(
 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar over runs, not one per model load
     quiet = logging.getLogger("ddk_fast")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # one line per run here; each run keeps its own report.md
@@ -347,7 +377,8 @@ def compare(
         "config": cfg_dump,
         "commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s)",
+        "torch": torch.__version__,
         "command": command,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }

@@ -138,7 +138,7 @@ class DDKConfig:
     alpha: float = _opt(0.5, "factor smooth-updating coefficient α of Eq. 2", *_unit)
     smoothing: bool = _opt(True, "false = recompute r from Eq. 1 every interval (the paper's ablation)")
     factor: Literal["paper", "excess_loss"] = _opt(
-        "paper",
+        "excess_loss",
         "paper: Eq. 1/2 exactly, softmax of perplexity ratios exp(CE_S - CE_T); excess_loss: softmax of the "
         "gap (CE_S - CE_T) / factor_temperature with the (1 - alpha)/N floor from r_0 on (robust to gaps of "
         "several nats, where the paper's factor turns one-hot)",
@@ -186,7 +186,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step", *_pos_int)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)", *_nonneg)
     max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", *_pos_int)
-    seed: int = _opt(0, "seed for models, sampler and validation split", *_nonneg_int)
+    seed: int = _opt(0, "seed for models and sampler", *_nonneg_int)
     device: str = _opt(
         "auto",
         "auto, cpu, cuda or cuda:N",

@@ -56,18 +56,23 @@ def test_quick_comparison_writes_results_report_and_plots(quick):
     for png in ("gaps.png", "weights.png"):
         assert (root / "out" / png).stat().st_size > 1000
     # one shared init per seed: a folder the arms load, not one each
-    assert (root / "out" / "inits" / "seed0" / "config.json").exists()
-    cfg = (root / "out" / "runs" / "ddk-s0" / "config.toml").read_text()
-    assert str(root / "out" / "inits" / "seed0") in cfg
+    (init,) = (root / "out" / "inits").glob("seed0-*")
+    assert (init / "config.json").exists()
+    (ddk_run,) = (root / "out" / "runs").glob("ddk-s0-*")
+    assert str(init) in (ddk_run / "config.toml").read_text()
 
 
 def test_finished_runs_are_reused(quick, capsys):
     root, args, res = quick
-    mtime = (root / "out" / "runs" / "ddk-s0" / "run_result.json").stat().st_mtime
-    assert main(args) == 0
+    (done,) = (root / "out" / "runs").glob("uniform-s0-*/run_result.json")
+    mtime = done.stat().st_mtime
+    # a sweep over a DDK-only key reuses the uniform run and trains a second ddk run beside the first
+    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.factor_temperature=0.5"]) == 0
     again = json.loads((root / "out" / "results.json").read_text())
-    assert [r["test_ce"] for r in again["runs"]] == [r["test_ce"] for r in res["runs"]]
-    assert (root / "out" / "runs" / "ddk-s0" / "run_result.json").stat().st_mtime == mtime
+    by = {r["arm"]: r for r in again["runs"]}
+    first = {r["arm"]: r for r in res["runs"]}
+    assert by["uniform"]["test_ce"] == first["uniform"]["test_ce"] and done.stat().st_mtime == mtime
+    assert len(list((root / "out" / "runs").glob("ddk-s0-*"))) == 2
 
 
 def test_bad_compare_table_is_a_config_error(tmp_path, capsys):
