@@ -4,9 +4,10 @@ the loop restructure), side by side in one run.
 Each measurement is a fresh process (``python bench/bench_loop.py child``) with ``PYTHONPATH`` pointing at one
 tree: it builds a tiny QLoRA distillation run (tests/tiny.py assets, 2-layer student of a 4-layer Llama,
 batch 8 x 64 tokens, grad_accum 2, prefetch 2), trains 5 warm-up steps (the step-0 DDK evaluation happens
-there), then times 30 more steps with no evaluation or checkpoint inside: the loop, its data and its loss
+there), then times 60 more steps with no evaluation or checkpoint inside: the loop, its data and its loss
 only. Baseline and current runs alternate (``rounds`` pairs) so machine noise hits both; the row records
-each side's median and their ratio (current / baseline; <= 1.03 is the budget).
+each side's median and their ratio (current / baseline; <= 1.03 is the budget), and the same for the
+processes' CPU time (less disturbed by other load on a shared machine).
 
 ``DDK_BENCH_BASELINE``: a git revision (exported with ``git archive`` into a temporary folder, the compiled
 sampler extension copied in) or a folder; without it the benchmark measures this tree against itself.
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP, TIMED = 5, 30
+WARMUP, TIMED = 5, 60
 
 
 def child(tree: str, work: str) -> None:
@@ -69,19 +70,22 @@ def child(tree: str, work: str) -> None:
     t = Trainer(build_config(raw))
     t.setup()
     t.fit(stop_at=WARMUP)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     t.fit(stop_at=WARMUP + TIMED)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "tree": tree}))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "tree": tree}))
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _measure(tree: Path, work: Path) -> float:
+def _measure(tree: Path, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_loop.py"), "child", str(tree), str(work)],
         cwd=work, env=env, capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{tree}: {row['seconds']:.2f} s wall, {row['cpu_seconds']:.2f} s CPU", file=sys.stderr)
+    return row
 
 
 def _baseline_tree(spec: str, tmp: Path) -> Path:
@@ -106,7 +110,8 @@ def compare(baseline: str | None, rounds: int) -> dict:
         for _ in range(rounds):  # alternate: noise on a shared machine hits both sides
             old.append(_measure(base, work))
             new.append(_measure(REPO, work))
-    mo, mn = statistics.median(old), statistics.median(new)
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    mo, mn = med(old, "seconds"), med(new, "seconds")
     return {
         "baseline": baseline or "self",
         "steps": TIMED,
@@ -114,8 +119,13 @@ def compare(baseline: str | None, rounds: int) -> dict:
         "baseline_median_ms_per_step": 1e3 * mo / TIMED,
         "current_median_ms_per_step": 1e3 * mn / TIMED,
         "ratio": mn / mo,
-        "baseline_s": old,
-        "current_s": new,
+        # CPU time of the measured process (all its threads): less sensitive to other load on a shared box
+        "cpu_ratio": med(new, "cpu_seconds") / med(old, "cpu_seconds"),
+        "paired_ratio_median": statistics.median(n["seconds"] / o["seconds"] for o, n in zip(old, new)),
+        "baseline_s": [r["seconds"] for r in old],
+        "current_s": [r["seconds"] for r in new],
+        "baseline_cpu_s": [r["cpu_seconds"] for r in old],
+        "current_cpu_s": [r["cpu_seconds"] for r in new],
     }
 
 
@@ -124,7 +134,7 @@ def test_loop_overhead(benchmark):
 
     if benchmark.disabled:  # CI smoke: one measurement of this tree, nothing recorded
         with tempfile.TemporaryDirectory() as work:
-            assert _measure(REPO, Path(work)) > 0
+            assert _measure(REPO, Path(work))["seconds"] > 0
         return
     row = compare(os.environ.get("DDK_BENCH_BASELINE"), int(os.environ.get("DDK_BENCH_ROUNDS", "5")))
     record("loop", {**row, "median_ms": row["current_median_ms_per_step"]})

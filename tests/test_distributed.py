@@ -27,7 +27,7 @@ from ddk_fast.errors import ConfigError
 from .tiny import VOCAB, domain_texts, llama_config, make_tokenizer, write_domains
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, CUT = 12, 6
+STEPS, CUT, K = 20, 10, 5  # the 20 steps; interrupted after 10; DDK interval
 
 
 def _cfg(assets: Path, run_dir: Path, mode="qlora", parallel="auto", steps=STEPS, every=CUT, **train):
@@ -48,7 +48,7 @@ def _cfg(assets: Path, run_dir: Path, mode="qlora", parallel="auto", steps=STEPS
             "cache_dir": str(assets / "cache"),
             "prefetch": 2,
         },
-        "ddk": {"interval": 4, "eval_batch_size": 2},
+        "ddk": {"interval": K, "eval_batch_size": 2},
         "train": {
             "max_steps": steps,
             "lr": 5e-3,
@@ -177,7 +177,7 @@ def test_two_ranks_match_one_rank(runs):
     h1 = _result(runs / "one")["weight_history"]
     h2 = [_result(runs / "two", r)["weight_history"] for r in (0, 1)]
     assert h2[0] == h2[1]  # bit-identical weights on every rank
-    assert [h["step"] for h in h2[0]] == [h["step"] for h in h1] == [0, 4, 8]
+    assert [h["step"] for h in h2[0]] == [h["step"] for h in h1] == list(range(0, STEPS, K))
     assert h2[0][0]["weights"] == h1[0]["weights"]  # r_0: the same validation sums to the last bit
     for a, b in zip(h1[1:], h2[0][1:]):  # later: students differ by float rounding of the gradient sum only
         np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6)
