@@ -9,6 +9,7 @@ only. Baseline and current runs alternate (``rounds`` pairs) so machine noise hi
 each side's median and their ratio (current / baseline; <= 1.03 is the budget), and the same for the
 processes' CPU time (less disturbed by other load on a shared machine).
 
+``DDK_BENCH_THREADS``: torch threads of the measured processes (default 1: the least noisy on a shared box).
 ``DDK_BENCH_BASELINE``: a git revision (exported with ``git archive`` into a temporary folder, the compiled
 sampler extension copied in) or a folder; without it the benchmark measures this tree against itself.
 """
@@ -40,7 +41,7 @@ def child(tree: str, work: str) -> None:
     from ddk_fast.trainer import Trainer
     from tests.tiny import VOCAB, domain_texts, llama_config, make_tokenizer, write_domains
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("DDK_BENCH_THREADS", "1")))
     root = Path(work)
     if not (root / "tok").exists():
         make_tokenizer(root / "tok", [t for docs in domain_texts().values() for t in docs])
@@ -78,7 +79,11 @@ def child(tree: str, work: str) -> None:
 
 
 def _measure(tree: Path, work: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tree}{os.pathsep}{REPO}",
+        "OMP_NUM_THREADS": os.environ.get("DDK_BENCH_THREADS", "1"),
+    }
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_loop.py"), "child", str(tree), str(work)],
         cwd=work, env=env, capture_output=True, text=True, timeout=600, check=True,
