@@ -96,3 +96,65 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))
     return torch.load(path / "state.pt", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------ sharded (FSDP2)
+# Under FSDP every rank holds a shard of the trainable weights and of the optimizer state. They are written
+# with torch.distributed.checkpoint (DCP) into ``step_<N>.tmp/dcp/`` by all ranks together; rank 0 then
+# writes ``state.pt`` (everything but weights and optimizer) and renames the folder, exactly as above. DCP
+# records each tensor's global shape, so the checkpoint loads under another world size (it reshards), and
+# also into an unsharded model in a single process.
+SHARDED = "dcp"
+
+
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)  # adapters only for lora/qlora; all weights for full
+
+
+def save_sharded_checkpoint(
+    ckpt_root: Path, step: int, model: nn.Module, optimizer, state: dict, keep_last: int, rank: int, barrier
+) -> Path:
+    """Collective: every rank calls it. ``barrier`` synchronises the ranks (a no-argument callable)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
+    barrier()
+    if rank == 0:
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(ckpt_root, final.name)
+        _prune(ckpt_root, keep_last)
+    barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDED).is_dir()
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    """Collective under FSDP. Loads weights and optimizer state in place; returns ``state.pt``'s dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(path / SHARDED))
+    set_state_dict(
+        model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_dcp_options()
+    )
+    return torch.load(path / "state.pt", weights_only=False)

@@ -96,6 +96,9 @@ class ModelConfig:
         "sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2 with the gpu extra)"
     )
     gradient_checkpointing: bool = _opt(False, "recompute student activations in backward to save memory")
+    shard_teacher: bool = _opt(
+        False, "under torchrun: shard the frozen teacher's decoder with FSDP2 (default: a replica per rank)"
+    )
 
 
 @dataclass
@@ -107,7 +110,9 @@ class DataConfig:
         "at least one [[data.domains]] table",
     )
     seq_len: int = _opt(256, "tokens per training sequence", *_pos_int)
-    batch_size: int = _opt(8, "sequences per micro-batch", *_pos_int)
+    batch_size: int = _opt(
+        8, "sequences per global micro-batch (split evenly over torchrun ranks)", *_pos_int
+    )
     val_sequences: int = _opt(
         16, "validation sequences per domain (fixed, seeded; DDK steers on them)", *_pos_int
     )
@@ -194,6 +199,10 @@ class TrainConfig:
         "auto, cpu, cuda or cuda:N",
     )
     log_every: int = _opt(1, "steps between metrics.jsonl rows", *_pos_int)
+    parallel: Literal["auto", "ddp", "fsdp"] = _opt(
+        "auto",
+        "under torchrun: ddp (replicated student) or fsdp (FSDP2-sharded student); auto = ddp when world > 1",
+    )
 
 
 @dataclass

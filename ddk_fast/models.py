@@ -121,9 +121,19 @@ def disable_bnb_cpu_repack(model: nn.Module) -> int:
 
 
 def load_student(
-    cfg: ModelConfig, teacher: nn.Module, device: torch.device, dtype: torch.dtype, run_dir: Path, seed: int
+    cfg: ModelConfig,
+    teacher: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    run_dir: Path,
+    seed: int,
+    shard: bool = False,
 ) -> nn.Module:
-    """Build or load the student, quantise it (qlora) and attach adapters (qlora/lora)."""
+    """Build or load the student, quantise it (qlora) and attach adapters (qlora/lora).
+
+    ``shard``: the student will be sharded with FSDP2; a qlora base then stores its 4-bit weights in the
+    compute dtype (``bnb_4bit_quant_storage``) so FSDP can shard them like any other tensor.
+    """
     if cfg.student:
         path = cfg.student
     elif cfg.student_from_teacher_layers:
@@ -149,6 +159,7 @@ def load_student(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if shard else {}),
         )
         student = _load_pretrained(
             path, dtype, cfg.attn_implementation, quantization_config=bnb_cfg, device_map={"": device}

@@ -1,5 +1,8 @@
 """``python -m ddk_fast.train --config run.toml [--set section.key=value ...] [--resume]``.
 
+Under ``torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port] -m
+ddk_fast.train --config run.toml`` every rank runs the same command (see :mod:`ddk_fast.distributed`).
+
 Exit codes: 0 done, 2 bad configuration or input (message names the key, the value and what was expected,
 no traceback), 3 training stopped after too many non-finite losses (the last good checkpoint is kept).
 """
@@ -27,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 logs progress, the others warnings only
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") + "%(message)s",
+        datefmt="%H:%M:%S",
     )
 
     from .config import load_config
@@ -43,26 +49,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, resume: bool = False) -> int:
+    """Set up, (resume,) train, report. Under torchrun every rank runs this; rank 0 alone writes files."""
     from .report import write_report
     from .trainer import Trainer, TrainingStopped
 
     log = logging.getLogger("ddk_fast")
     trainer = Trainer(cfg)
-    trainer.setup()
-    if resume:
-        trainer.resume()
     try:
-        result = trainer.fit()
-    except TrainingStopped as exc:
-        log.error("%s", exc)
-        return 3
-    report = write_report(
-        result,
-        trainer.names,
-        {"loss backend": str(trainer.loss_backend), "sampler backend": str(trainer.sampler.backend)},
-    )
-    log.info("report: %s", report)
-    return 0
+        trainer.setup()
+        if resume:
+            trainer.resume()
+        try:
+            result = trainer.fit()
+        except TrainingStopped as exc:
+            log.error("%s", exc)
+            return 3
+        ctx = trainer.ctx
+        if ctx.is_main:
+            parallel = f"{ctx.mode} over {ctx.world_size} ranks" if ctx.distributed else "none (1 process)"
+            report = write_report(
+                result,
+                trainer.names,
+                {
+                    "loss backend": str(trainer.loss_backend),
+                    "sampler backend": str(trainer.sampler.backend),
+                    "parallel": parallel,
+                },
+            )
+            log.info("report: %s", report)
+        return 0
+    finally:
+        if hasattr(trainer, "ctx"):
+            trainer.close()
 
 
 if __name__ == "__main__":

@@ -167,10 +167,10 @@ def test_every_configured_divergence_trains(assets, tmp_path, divergence):
 
 def test_test_split_never_steers_ddk_and_is_reported(assets, tmp_path, monkeypatch):
     """Every loss the mixer receives is a val-split measurement; the test split is scored once, at the end."""
-    import ddk_fast.trainer as trainer_mod
+    import ddk_fast.schedule as schedule_mod  # its one measurement path (val and test, teacher and student)
 
     calls = []  # (kind, losses) in call order
-    real_losses = trainer_mod.domain_losses
+    real_losses = schedule_mod.sharded_domain_losses
 
     def spy(model, val_sets, *args, **kw):
         out = real_losses(model, val_sets, *args, **kw)
@@ -178,7 +178,7 @@ def test_test_split_never_steers_ddk_and_is_reported(assets, tmp_path, monkeypat
         calls.append((kind, out))
         return out
 
-    monkeypatch.setattr(trainer_mod, "domain_losses", spy)
+    monkeypatch.setattr(schedule_mod, "sharded_domain_losses", spy)
     cfg = make_cfg(assets, tmp_path / "run", data__test_sequences=3)
     trainer = Trainer(cfg)
     trainer.setup()

@@ -1,0 +1,92 @@
+"""The model bundle: tokenizer, frozen teacher, student, the objective module and its parallel wrapping.
+
+Built once by :func:`build_models`; the loop only calls :meth:`ModelBundle.teacher_hidden` and the wrapped
+objective. Writing files that several ranks read (the student's initial weights in the run directory) happens
+on rank 0 first (:meth:`~ddk_fast.distributed.ParallelContext.main_first`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backend import BackendChoice, resolve_loss_backend
+from .config import RunConfig
+from .distributed import ParallelContext, shard_teacher, wrap_objective
+from .evaluation import ScoreFn, model_score_fn
+from .models import (
+    check_vocab,
+    final_hidden,
+    head_weight,
+    load_student,
+    load_teacher,
+    resolve_dtype,
+    trainable_parameters,
+)
+from .objective import DistillObjective
+
+log = logging.getLogger("ddk_fast")
+
+
+@dataclass
+class ModelBundle:
+    teacher: nn.Module
+    student: nn.Module  # the bare student (peft or transformers model): checkpoints and export use it
+    objective: DistillObjective  # student + loss (sharded in place under FSDP)
+    model: nn.Module  # what the loop calls: the objective, or DDP around it
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+    loss_backend: BackendChoice
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.objective.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return final_hidden(self.teacher, input_ids)
+
+    def teacher_weight(self) -> torch.Tensor:
+        return head_weight(self.teacher)
+
+    def teacher_score(self) -> ScoreFn:
+        return model_score_fn(self.teacher, self.vocab_size)
+
+    def student_score(self) -> ScoreFn:
+        """Validation scoring through the objective's forward (FSDP gathers a sharded student there; DDP's
+        wrapper is bypassed: no gradient, nothing to reduce)."""
+        return lambda ids, labels: self.objective(ids, labels)
+
+
+def build_models(cfg: RunConfig, ctx: ParallelContext, tokenizer, run_dir: Path) -> ModelBundle:
+    device = ctx.device
+    dtype = resolve_dtype(cfg.model, device)
+    seed = cfg.train.seed
+    teacher = load_teacher(cfg.model, device, dtype, seed)
+    student = ctx.main_first(
+        lambda: load_student(cfg.model, teacher, device, dtype, run_dir, seed, shard=ctx.mode == "fsdp")
+    )
+    vocab_size = check_vocab(teacher, student, tokenizer)
+    loss_backend = resolve_loss_backend(cfg.loss.backend, device.type == "cuda")
+    n_train, n_total = trainable_parameters(student)
+    log.info(
+        "device %s, dtype %s; student %s: %s trainable of %s parameters",
+        device,
+        str(dtype).replace("torch.", ""),
+        cfg.model.student_mode,
+        f"{n_train:,}",
+        f"{n_total:,}",
+    )
+    log.info("loss backend: %s", loss_backend)
+    autocast = ("cuda", torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    objective = DistillObjective(
+        student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast
+    )
+    if cfg.model.shard_teacher:
+        teacher = shard_teacher(teacher, ctx)
+    model = wrap_objective(objective, ctx)
+    return ModelBundle(teacher, student, objective, model, vocab_size, dtype, device, loss_backend)

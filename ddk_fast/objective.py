@@ -1,0 +1,71 @@
+"""The distillation objective as one module: student forward + fused KD loss (DDK Eq. 3) in ``forward``.
+
+Keeping the whole student computation, lm_head included, inside one ``nn.Module.forward`` is what DDP and
+FSDP2 need: DDP prepares its gradient reduction in ``forward``, and FSDP2 all-gathers the root's parameters
+(embeddings, final norm, lm_head) only for the duration of the root's ``forward``. The teacher's hidden
+states and head weight come in as arguments (it is frozen and runs under ``no_grad``).
+
+``forward(input_ids, labels)`` without teacher inputs scores the validation set instead: it returns the
+float64 sum of token CE and the token count (used by :mod:`ddk_fast.evaluation`), through the same module
+so a sharded student is gathered the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import LossConfig
+from .evaluation import hidden_ce_sum
+from .losses import fused_linear_kd_loss
+from .models import final_hidden, head_weight
+
+
+class DistillObjective(nn.Module):
+    def __init__(
+        self, student: nn.Module, loss: LossConfig, num_domains: int, vocab_size: int, backend: str, autocast
+    ):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss
+        self.num_domains = num_domains
+        self.vocab_size = vocab_size
+        self.backend = backend
+        self.autocast = autocast  # (device_type, dtype) for the student forward, or None
+
+    def _hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return final_hidden(self.student, input_ids)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return final_hidden(self.student, input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        domain_ids: torch.Tensor | None = None,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_weight: torch.Tensor | None = None,
+    ):
+        if teacher_hidden is None:  # validation scoring (no autocast, as for the teacher)
+            hidden = final_hidden(self.student, input_ids)
+            return hidden_ce_sum(hidden, head_weight(self.student), labels, self.vocab_size)
+        s_hidden = self._hidden(input_ids)
+        L = self.loss_cfg
+        return fused_linear_kd_loss(
+            s_hidden.reshape(-1, s_hidden.shape[-1]),
+            head_weight(self.student),
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight,
+            labels=labels.reshape(-1),
+            domain_ids=domain_ids,
+            num_domains=self.num_domains,
+            divergence=L.divergence,
+            beta=L.beta,
+            skew_lambda=L.skew_lambda,
+            temperature=L.temperature,
+            kd_weight=L.kd_weight,
+            ce_weight=L.ce_weight,
+            scale_by_t2=L.scale_by_t2,
+            backend=self.backend,
+        )

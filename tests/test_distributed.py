@@ -1,0 +1,278 @@
+"""torchrun on CPU (gloo): DDP and FSDP2 give the single-process run's losses, DDK weights and batches, and
+checkpoints resume under another world size.
+
+Three launches share one set of tiny assets (tests/tiny.py): a plain process (the 1-rank references and a
+1-rank checkpoint), ``torchrun --nproc_per_node 2`` (DDP, resumes of the 1-rank checkpoint, FSDP2 with full
+and LoRA students) and a plain process again (resumes of the 2-rank checkpoints). Every process uses one
+thread, so equal shapes give equal bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddk_fast.data import DomainSampler, TokenShard
+from ddk_fast.distributed import check_batch_divides
+from ddk_fast.errors import ConfigError
+
+from .tiny import VOCAB, domain_texts, llama_config, make_tokenizer, write_domains
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, CUT, K = 20, 10, 5  # the issue's 20 steps; interrupted after 10; DDK interval
+
+
+def _cfg(assets: Path, run_dir: Path, mode="qlora", parallel="auto", steps=STEPS, every=CUT, **train):
+    return {
+        "model": {
+            "teacher_config": llama_config(VOCAB + 16),
+            "student_from_teacher_layers": [0, 3],
+            "tokenizer": str(assets / "tok"),
+            "student_mode": mode,
+            "lora_r": 4,
+            "lora_dropout": 0.0,
+        },
+        "data": {
+            "domains": [{"name": n, "files": [str(assets / "data" / f"{n}.jsonl")]} for n in domain_texts()],
+            "seq_len": 32,
+            "batch_size": 4,
+            "val_sequences": 4,
+            "cache_dir": str(assets / "cache"),
+            "prefetch": 2,
+        },
+        "ddk": {"interval": K, "eval_batch_size": 2},
+        "train": {
+            "max_steps": steps,
+            "lr": 5e-3,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "parallel": parallel,
+            "grad_accum": 2,
+            **train,
+        },
+        "checkpoint": {"every": every, "keep_last": 2},
+        "output": {"dir": str(run_dir), "progress": False, "tensorboard": False},
+    }
+
+
+def _launch(tmp: Path, name: str, runs: list[dict], nproc: int) -> None:
+    spec = tmp / f"{name}.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "tests.distributed_worker", str(spec)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        cmd += ["--standalone", "-m", "tests.distributed_worker", str(spec)]  # standalone: a free port
+    # a session of its own: on a timeout the whole tree (torchrun and its workers) is killed
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{name} timed out:\n{out[-3000:]}\n{err[-6000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    assets = tmp / "assets"
+    make_tokenizer(assets / "tok", [t for docs in domain_texts().values() for t in docs])
+    write_domains(assets / "data")
+    r = lambda name: str(tmp / name)  # noqa: E731
+    c = lambda name, **kw: _cfg(assets, tmp / name, **kw)  # noqa: E731
+    _launch(
+        tmp,
+        "single",
+        [
+            {"cfg": c("one"), "out": r("one")},
+            {"cfg": c("full_one", mode="full", steps=4, every=2), "out": r("full_one")},
+            {"cfg": c("lora_one", mode="lora", steps=4, every=2), "out": r("lora_one")},
+        ],
+        1,
+    )
+    _cut(tmp / "one", tmp / "one_to_two")
+    qlora_sharded = c("fsdp_qlora", parallel="fsdp", steps=2, every=2)
+    qlora_sharded["model"]["shard_teacher"] = True
+    _launch(
+        tmp,
+        "torchrun",
+        [
+            {"cfg": c("two"), "out": r("two")},
+            {"cfg": c("one_to_two"), "resume": True, "out": r("one_to_two")},
+            {
+                "cfg": c("fsdp_full", mode="full", parallel="fsdp", steps=4, every=2),
+                "stop_at": 3,
+                "out": r("fsdp_full"),
+            },  # fmt: skip
+            {"cfg": c("fsdp_lora", mode="lora", parallel="fsdp", steps=4, every=2), "out": r("fsdp_lora")},
+            {"cfg": qlora_sharded, "out": r("fsdp_qlora")},
+        ],
+        2,
+    )
+    _cut(tmp / "two", tmp / "two_to_one")
+    shutil.copytree(tmp / "fsdp_full", tmp / "fsdp_to_one")
+    _launch(
+        tmp,
+        "single_resume",
+        [
+            {"cfg": c("two_to_one"), "resume": True, "out": r("two_to_one")},
+            {"cfg": c("fsdp_to_one", mode="full", steps=4, every=2), "resume": True, "out": r("fsdp_to_one")},
+        ],
+        1,
+    )
+    return tmp
+
+
+def _cut(src: Path, dst: Path) -> None:
+    """A copy of a finished run whose latest checkpoint is step CUT: an interruption after step CUT."""
+    shutil.copytree(src, dst)
+    (dst / "checkpoints" / "latest").write_text(f"step_{CUT:08d}\n")
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    return {
+        (row := json.loads(line))["step"]: row for line in (run / "metrics.jsonl").read_text().splitlines()
+    }
+
+
+def _result(run: Path, rank: int = 0) -> dict:
+    return json.loads(Path(f"{run}.rank{rank}.json").read_text())
+
+
+def _same_steps(ref: dict, other: dict, steps, rel=1e-5) -> None:
+    for s in steps:
+        a, b = ref[s], other[s]
+        assert a["batch_fingerprint"] == b["batch_fingerprint"], s  # the same global batch
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), s
+        assert b["domain_tokens"] == a["domain_tokens"], s
+
+
+def test_two_ranks_match_one_rank(runs):
+    one, two = _rows(runs / "one"), _rows(runs / "two")
+    assert sorted(two) == list(range(1, STEPS + 1))
+    _same_steps(one, two, range(1, STEPS + 1))
+    h1 = _result(runs / "one")["weight_history"]
+    h2 = [_result(runs / "two", r)["weight_history"] for r in (0, 1)]
+    assert h2[0] == h2[1]  # bit-identical weights on every rank
+    assert [h["step"] for h in h2[0]] == [h["step"] for h in h1] == list(range(0, STEPS, K))
+    assert h2[0][0]["weights"] == h1[0]["weights"]  # r_0: the same validation sums to the last bit
+    for a, b in zip(h1[1:], h2[0][1:]):  # later: students differ by float rounding of the gradient sum only
+        np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6)
+    assert _result(runs / "two")["tokens_per_domain"] == _result(runs / "one")["tokens_per_domain"]
+    assert (runs / "two" / "final" / "adapter_config.json").exists()
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
+    one, resumed = _rows(runs / "one"), _rows(runs / "one_to_two")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _same_steps(one, resumed, range(CUT + 1, STEPS + 1))
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(runs):
+    one, resumed = _rows(runs / "one"), _rows(runs / "two_to_one")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    _same_steps(one, resumed, range(CUT + 1, STEPS + 1))
+    assert _result(runs / "two_to_one")["tokens_per_domain"] == _result(runs / "one")["tokens_per_domain"]
+
+
+def test_fsdp_full_student_matches_and_its_sharded_checkpoint_resumes_in_one_process(runs):
+    ref, fsdp = _rows(runs / "full_one"), _rows(runs / "fsdp_full")
+    _same_steps(ref, fsdp, (1, 2, 3))
+    ckpt = runs / "fsdp_full" / "checkpoints" / "step_00000002"
+    assert (ckpt / "dcp").is_dir() and not (ckpt / "trainable.safetensors").exists()  # DCP, sharded
+    resumed = _rows(runs / "fsdp_to_one")
+    _same_steps(ref, resumed, (3, 4))
+    assert (runs / "fsdp_to_one" / "final" / "model.safetensors").exists()
+
+
+def test_fsdp_lora_student_matches_and_exports_adapters(runs):
+    _same_steps(_rows(runs / "lora_one"), _rows(runs / "fsdp_lora"), (1, 2, 3, 4))
+    final = runs / "fsdp_lora" / "final"
+    assert (final / "adapter_config.json").exists()
+    from safetensors.torch import load_file
+
+    one = load_file(str(runs / "lora_one" / "final" / "adapter_model.safetensors"))
+    fsdp = load_file(str(final / "adapter_model.safetensors"))
+    assert one.keys() == fsdp.keys() and len(one) > 0  # the gathered, unsharded adapters
+    for k in one:
+        np.testing.assert_allclose(fsdp[k].numpy(), one[k].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_qlora_student_with_a_sharded_teacher_matches(runs):
+    one, fsdp = _rows(runs / "one"), _rows(runs / "fsdp_qlora")
+    _same_steps(one, fsdp, (1,))  # step 1: the same learning rate (warm-up) as the longer reference
+    assert (runs / "fsdp_qlora" / "final" / "adapter_config.json").exists()
+
+
+def test_ranks_take_disjoint_slices_of_the_world_invariant_global_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    shards = [
+        TokenShard.write(
+            tmp_path / f"d{d}", [rng.integers(0, 500, size=n) for n in rng.integers(5, 60, 30)], 500
+        )
+        for d in range(3)
+    ]
+    B = 12
+    kw = dict(seq_len=16, sep_token_id=501, seed=1, backend="numpy")
+    ref = DomainSampler(shards, [0.5, 0.3, 0.2], batch_size=B, **kw)
+    for world in (2, 3, 4):
+        ranks = [
+            DomainSampler(shards, [0.5, 0.3, 0.2], batch_size=B // world, rank=r, world_size=world, **kw)
+            for r in range(world)
+        ]
+        for _ in range(3):
+            want = ref.next_batch()["input_ids"] if world == 2 else None
+            parts = [s.next_batch()["input_ids"] for s in ranks]
+            rows = [tuple(x) for p in parts for x in p]
+            assert len(set(rows)) == len(rows)  # disjoint
+            if want is not None:
+                np.testing.assert_array_equal(np.concatenate(parts), want)  # union (in order) = 1-rank batch
+        # resume under another world size: the state is global
+        state = ranks[0].state_dict()
+        other = DomainSampler(shards, [0.5, 0.3, 0.2], batch_size=B, **kw)
+        other.load_state_dict(state)
+        nxt = np.concatenate([s.next_batch()["input_ids"] for s in ranks])
+        np.testing.assert_array_equal(other.next_batch()["input_ids"], nxt)
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_a_config_error(monkeypatch, tmp_path, capsys):
+    assert check_batch_divides(8, 4) == 2
+    with pytest.raises(
+        ConfigError, match=r"\[data\] batch_size: expected a multiple of the world size 3.*got 8"
+    ):
+        check_batch_divides(8, 3)
+    from ddk_fast.config import build_config, dump_toml
+    from ddk_fast.train import main
+
+    make_tokenizer(tmp_path / "tok", [t for docs in domain_texts().values() for t in docs])
+    write_domains(tmp_path / "data")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(dump_toml(build_config(_cfg(tmp_path, tmp_path / "run"))))
+    monkeypatch.setenv("RANK", "0")  # what torchrun --nproc_per_node 3 sets; refused before any process group
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "[data] batch_size: expected a multiple of the world size 3" in err and "got 4" in err
