@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from .config import RunConfig, dump_toml
 from .distributed import ParallelContext, full_value, init_parallel, no_grad_sync
 from .metrics import MetricsWriter
 from .models import check_student_tokenizer, load_tokenizer
+from .optim import build_optimizer, progress_bar
 from .schedule import DomainSchedule
 
 log = logging.getLogger("ddk_fast")
@@ -65,14 +65,6 @@ def resolve_device(name: str) -> torch.device:
     from .distributed import _device
 
     return _device(name, 0)
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``min_ratio`` (DDK §4 schedule)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _row_hash(row: np.ndarray) -> int:
@@ -118,9 +110,13 @@ class Trainer:
             torch.manual_seed(cfg.train.seed + ctx.rank)
 
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.models.trainable(), lr=t.lr, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.optimizer, self.scheduler = build_optimizer(
+            self.models.trainable(),
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_steps,
+            max_steps=t.max_steps,
+            min_lr_ratio=t.min_lr_ratio,
         )
         self.checkpointer = Checkpointer(
             self.run_dir, cfg.checkpoint.keep_last, ctx, self.models, self.optimizer
@@ -296,18 +292,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> TrainResult:
         """Train to ``[train] max_steps`` (or ``stop_at``, a test hook that simulates an interruption)."""
-        from tqdm.auto import tqdm
-
         c, t = self.cfg, self.cfg.train
         end = t.max_steps if stop_at is None else min(stop_at, t.max_steps)
         tokens_per_step = c.data.batch_size * c.data.seq_len * t.grad_accum  # global
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            disable=not (c.output.progress and self.ctx.is_main),
-            unit="step",
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(t.max_steps, initial=self.step, enabled=c.output.progress and self.ctx.is_main)
         t_start, tokens_done = time.perf_counter(), 0
         t_log, steps_since_log = time.perf_counter(), 0
         batches = self._batches()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from ddk_fast.demo.corpus import corpus_files, read_jsonl
+from ddk_fast.metrics import MetricsWriter
+from ddk_fast.optim import build_optimizer, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +160,6 @@ def unigram_loss(train_stream: torch.Tensor, windows: torch.Tensor, vocab_size: 
     return float(-logp[windows[:, 1:].flatten()].mean())
 
 
-def _lr_lambda(settings: TeacherSettings):
-    def f(step: int) -> float:
-        if step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
-        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cosine
-
-    return f
-
-
 def train_teacher(
     tokenizer: PreTrainedTokenizerBase,
     corpus_dir: str | os.PathLike,
@@ -232,29 +221,29 @@ def _train_teacher(
     )
     initial = {d: mean_loss(model, w) for d, w in valid.items()}
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    # the library's optimizer and schedule: AdamW (no decay on 1-D tensors), warm-up + cosine
+    opt, sched = build_optimizer(
+        model.parameters(),
         lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps,
+        max_steps=settings.steps,
+        min_lr_ratio=settings.min_lr_ratio,
         betas=(0.9, 0.95),
+        decay_1d=False,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings))
     gen = torch.Generator().manual_seed(settings.seed)
     B, T = settings.batch_size, settings.seq_len
     span = torch.arange(T + 1)
     curve: list[list[float]] = []
     model.train()
     tokens_per_step = B * T
-    t_train = time.perf_counter()
-    bar = tqdm(
-        total=settings.steps * tokens_per_step,
-        unit="tok",
-        unit_scale=True,
-        desc="teacher",
-        disable=not progress,
-        mininterval=1.0,
-    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsWriter(out, tensorboard=False, domain_names=domains)
+    t_train = t_log = time.perf_counter()
+    logged_step = 0
+    bar = progress_bar(settings.steps, enabled=progress, desc="teacher")
     ema = None
     for step in range(settings.steps):
         rows = []
@@ -274,9 +263,16 @@ def _train_teacher(
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         if step % settings.log_every == 0 or step == settings.steps - 1:
             curve.append([step, round(value, 4)])
-        bar.set_postfix(loss=f"{ema:.3f}", step=step + 1, refresh=False)
-        bar.update(tokens_per_step)
+            now = time.perf_counter()
+            rate = tokens_per_step * (step + 1 - logged_step) / max(now - t_log, 1e-9)
+            t_log, logged_step = now, step + 1
+            metrics.write(
+                {"step": step + 1, "loss": value, "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
+            )
+        bar.set_postfix_str(f"loss {ema:.3f}", refresh=False)
+        bar.update(1)
     bar.close()
+    metrics.close()
     train_seconds = time.perf_counter() - t_train
 
     final = {d: mean_loss(model, w) for d, w in valid.items()}
@@ -300,8 +296,6 @@ def _train_teacher(
         "unigram_loss": unigram,
         "train_loss_curve": curve,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
