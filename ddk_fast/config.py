@@ -149,7 +149,7 @@ class DDKConfig:
         "several nats, where the paper's factor turns one-hot)",
     )
     factor_temperature: float = _opt(
-        1.0,
+        0.5,
         "τ of the excess_loss factor, in nats (larger = flatter)",
         lambda v: v >= 0.01,
         "a number >= 0.01",
