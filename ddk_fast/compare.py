@@ -121,6 +121,28 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_key(raw: dict) -> str:
+    """Identity of one run: the *resolved* config (defaults filled in, so a changed default is a new run)
+    without the output folder."""
+    from .config import build_config
+
+    return _hash(_identity(build_config(raw, check_paths=False).to_dict()))
+
+
+def _identity(resolved: dict) -> dict:
+    """The resolved config less what cannot change the run: the output folder, and DDK keys an arm with
+    fixed weights (or the paper factor) never reads, so a sweep over them (``--set
+    ddk.factor_temperature=...``) reuses the finished baseline runs instead of training them again."""
+    resolved = json.loads(json.dumps(resolved))
+    resolved["output"].pop("dir", None)
+    ddk = resolved["ddk"]
+    unused = _UNUSED_DDK_KEYS["ddk" if ddk["mixing"] == "ddk" else "fixed"]
+    if ddk["mixing"] == "ddk" and ddk["factor"] == "paper":
+        unused = unused | {"factor_temperature"}
+    resolved["ddk"] = {k: v for k, v in ddk.items() if k not in unused}
+    return resolved
+
+
 # ------------------------------------------------------------------------------------------- one run
 def _teacher_identity(path: str) -> list:
     """(name, size, mtime) of the teacher folder's files: a retrained teacher gives a new init key."""
@@ -189,16 +211,10 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path) -> dict:
     from .trainer import Trainer
 
     raw = _merge(raw, arm_overrides(arm))
-    # keys that cannot change this arm's training are dropped, so a sweep over them (--set
-    # ddk.factor_temperature=...) reuses the finished baseline runs instead of training them again
-    unused = _UNUSED_DDK_KEYS["ddk" if raw["ddk"].get("mixing", "ddk") == "ddk" else "fixed"]
-    if raw["ddk"].get("factor") == "paper":
-        unused = unused | {"factor_temperature"}
-    raw["ddk"] = {k: v for k, v in raw["ddk"].items() if k not in unused}
     raw = _merge(raw, {"train": {"seed": seed}, "output": {"progress": False}})
     if arm == "static":
         raw = static_weights(raw)
-    key = _hash(raw)  # the run folder is named by it: sweep variants of one arm live side by side
+    key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
     run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
     raw = _merge(raw, {"output": {"dir": str(run_dir)}})
     done = run_dir / "run_result.json"
