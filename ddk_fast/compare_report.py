@@ -76,7 +76,9 @@ def write_compare_report(results: dict, out: Path) -> Path:
         f"# Does DDK help? Setting `{s['name']}`{' (quick)' if s.get('quick') else ''}",
         "",
         f"- {s['date']}, {s['machine']}, commit `{s['commit']}`; {len(results['seeds'])} seed(s) "
-        f"{results['seeds']}; wall time {s['wall_seconds'] / 60:.1f} min",
+        f"{results['seeds']}; training time of the runs "
+        f"{sum(r.get('wall_seconds', 0) for r in results['runs']) / 60:.1f} min (this invocation "
+        f"{s['wall_seconds'] / 60:.1f} min; finished runs are reused)",
         f"- command: `{s['command']}`",
         "- every arm starts from the same student initialisation per seed and trains on the same number of "
         "tokens; CE is measured on the **test** split (whole documents held out, never used by DDK); "
