@@ -6,7 +6,7 @@ come from one place (``python -m ddk_fast.config`` prints the reference as Markd
 
 Validation happens in :func:`load_config` / :func:`build_config`, before any model or data is touched:
 unknown keys, wrong types and out-of-range values raise :class:`~ddk_fast.errors.ConfigError` naming the key
-path, the value and what was expected (``[loss] temperature: expected a number > 0, got -1``).
+path, the value and what was expected (``[train] lr: expected a number > 0, got -1``).
 
 Relative paths are resolved against the current working directory (as ``python -m ddk_fast.train`` users run
 from their project root).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ _nonneg = (lambda v: v >= 0, "a number >= 0")
 _unit = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _pos_int = (lambda v: v >= 1, "an integer >= 1")
 _nonneg_int = (lambda v: v >= 0, "an integer >= 0")
+TEMPERATURE_RANGE = (0.05, 100.0)
 
 
 @dataclass
@@ -92,9 +94,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = _opt(
         "auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU"
     )
-    attn_implementation: str = _opt(
-        "sdpa", "transformers attention implementation (sdpa, eager, flash_attention_2 with the gpu extra)"
-    )
+    attn_implementation: Literal[
+        "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = _opt("sdpa", "transformers attention implementation (flash_attention_* need the gpu extra and CUDA)")
     gradient_checkpointing: bool = _opt(False, "recompute student activations in backward to save memory")
     shard_teacher: bool = _opt(
         False, "under torchrun: shard the frozen teacher's decoder with FSDP2 (default: a replica per rank)"
@@ -132,6 +134,12 @@ class DataConfig:
         "auto", "domain sampler backend: auto = C++ extension when built, else numpy"
     )
     prefetch: int = _opt(2, "batches assembled ahead in a background thread (0 = off)", *_nonneg_int)
+    max_bad_records: float = _opt(
+        0.0,
+        "fraction of a file's records that may be bad (no text field, empty, undecodable) and are skipped; "
+        "above it the run stops before training, naming file:line of the first",
+        *_unit,
+    )
 
 
 @dataclass
@@ -173,8 +181,19 @@ class LossConfig:
         "skew forward / reverse KL (DistiLLM) or total variation",
     )
     beta: float = _opt(0.5, "JSD β (TRL convention: 0 = forward KL, 1 = reverse KL)", *_unit)
-    skew_lambda: float = _opt(0.1, "λ of the skew KLs (DistiLLM uses 0.1)", *_unit)
-    temperature: float = _opt(1.0, "softmax temperature T of the KD term", *_pos)
+    skew_lambda: float = _opt(
+        0.1,
+        "λ of the skew KLs (DistiLLM uses 0.1)",
+        lambda v: 0 <= v < 1,
+        "a number in [0, 1) (at 1 the skewed mixture is the distribution itself and the divergence is 0)",
+    )
+    temperature: float = _opt(
+        1.0,
+        "softmax temperature T of the KD term",
+        lambda v: TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+        f"a number in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (below, both softmaxes are one-hot "
+        "and T² scales the KD term to ~0; above, both are uniform and KD carries no information)",
+    )
     kd_weight: float = _opt(0.2, "γ: weight of the KD term (DDK Eq. 3)", *_nonneg)
     ce_weight: float = _opt(1.0, "weight of the next-token cross-entropy term", *_nonneg)
     scale_by_t2: bool = _opt(True, "multiply the KD term by T² (Hinton)")
@@ -189,7 +208,12 @@ class TrainConfig:
     warmup_steps: int = _opt(50, "linear warm-up steps", *_nonneg_int)
     weight_decay: float = _opt(0.0, "AdamW weight decay", *_nonneg)
     grad_accum: int = _opt(1, "micro-batches per optimizer step", *_pos_int)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)", *_nonneg)
+    max_grad_norm: float = _opt(
+        1.0,
+        "gradient clipping norm (0 = off)",
+        lambda v: v == 0 or v >= 1e-3,
+        "0 (off) or a number >= 0.001 (below, Adam's eps outweighs the clipped gradient: no update)",
+    )
     max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", *_pos_int)
     seed: int = _opt(0, "seed for models and sampler", *_nonneg_int)
     device: str = _opt(
@@ -356,6 +380,8 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
             cfg.ddk.max_weight,
             f"at least 1/N = {1 / len(d.domains):.4f} for {len(d.domains)} domains (weights sum to 1)",
         )
+    if cfg.loss.kd_weight == 0 and cfg.loss.ce_weight == 0:
+        raise ConfigError("loss.kd_weight", 0.0, "kd_weight or ce_weight > 0 (with both 0 the loss is 0)")
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
     if not check_paths:
@@ -376,10 +402,14 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- overrides
+_OVERRIDE_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+_OVERRIDE_EXPECTED = "section.key=value (e.g. loss.temperature=2 or data.domains[0].weight=3)"
+
+
 def parse_override(spec: str) -> tuple[list[str | int], Any]:
     """``"loss.temperature=2"`` -> (["loss", "temperature"], 2.0); ``data.domains[1].weight=3``."""
     if "=" not in spec:
-        raise ConfigError("--set", spec, "section.key=value")
+        raise ConfigError("--set", spec, _OVERRIDE_EXPECTED)
     key, text = spec.split("=", 1)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -387,11 +417,13 @@ def parse_override(spec: str) -> tuple[list[str | int], Any]:
         value = text  # bare strings need no quotes: --set output.dir=runs/x
     path: list[str | int] = []
     for part in key.strip().split("."):
-        name, *idx = part.replace("]", "").split("[")
-        if not name:
-            raise ConfigError("--set", spec, "section.key=value")
-        path.append(name)
-        path.extend(int(i) for i in idx)
+        m = _OVERRIDE_PART.match(part.strip())
+        if m is None:
+            raise ConfigError("--set", spec, _OVERRIDE_EXPECTED, f"{part!r} is not a key or key[index]")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
+    if len(path) < 2:
+        raise ConfigError("--set", spec, _OVERRIDE_EXPECTED, "a key inside a section")
     return path, value
 
 
@@ -399,14 +431,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for spec in overrides:
         path, value = parse_override(spec)
         node: Any = raw
-        for k in path[:-1]:
+        for depth, k in enumerate(path):
+            last = depth == len(path) - 1
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[: depth + 1])[1:]
             if isinstance(k, int):
-                if not isinstance(node, list) or k >= len(node):
-                    raise ConfigError("--set", spec, "an index of an existing list entry")
+                if not isinstance(node, list) or not 0 <= k < len(node):
+                    raise ConfigError(
+                        "--set", spec, "an index of an existing list entry", f"{where} is not one"
+                    )
+            elif not isinstance(node, dict):
+                raise ConfigError(
+                    "--set", spec, "a path through tables", f"{where}: the part before it is not a table"
+                )
+            if last:
+                node[k] = value
+            elif isinstance(k, int):
                 node = node[k]
             else:
                 node = node.setdefault(k, {})
-        node[path[-1]] = value
     return raw
 
 

@@ -55,7 +55,7 @@ def _set(d: dict, path: str, value):
 
 BAD = [
     # (key to set, value, expected message fragment)
-    ("loss.temperature", -1, r"\[loss\] temperature: expected a number > 0, got -1"),
+    ("loss.temperature", -1, r"\[loss\] temperature: expected a number in \[0.05, 100.0\] \(below, .*got -1"),
     ("loss.temperature", "hot", r"\[loss\] temperature: expected a number, got 'hot'"),
     (
         "loss.divergence",
@@ -145,7 +145,7 @@ def test_override_is_validated_like_the_file(good, tmp_path):
         load_config(path, ["loss.temperature=3", "data.domains[1].weight=0.25"]).data.domains[1].weight
         == 0.25
     )
-    with pytest.raises(ConfigError, match=r"\[loss\] temperature: expected a number > 0, got 0"):
+    with pytest.raises(ConfigError, match=r"\[loss\] temperature: expected a number in \[0.05, 100.0\].*got 0"):
         load_config(path, ["loss.temperature=0"])
 
 
@@ -179,7 +179,7 @@ def test_cli_bad_config_exits_2_without_traceback_and_before_loading(good, tmp_p
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "[loss] temperature: expected a number > 0, got -1" in proc.stderr
+    assert "[loss] temperature: expected a number in [0.05, 100.0]" in proc.stderr and "got -1" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
