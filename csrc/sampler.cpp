@@ -30,6 +30,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -53,6 +54,7 @@ constexpr uint64_t kM1 = 0xBF58476D1CE4E5B9ULL, kM1Inv = 0x96DE1B173F119089ULL; 
 constexpr uint64_t kM2 = 0x94D049BB133111EBULL, kM2Inv = 0x319642B2D24D8EC3ULL;
 constexpr int64_t kBlock = 64;            // documents per stream-position checkpoint
 constexpr int64_t kPrefetchAhead = 8;     // documents ahead to prefetch (see fill)
+constexpr int64_t kMaxPos = int64_t{1} << 62;  // bound on stream positions (seq_index * seq_len)
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
   uint64_t z = x + kGamma;
@@ -146,6 +148,13 @@ class SamplerCore {
   void set_weights(py::array_t<double, py::array::c_style | py::array::forcecast> w) {
     if (w.ndim() != 1 || static_cast<size_t>(w.shape(0)) != domains_.size())
       throw std::invalid_argument("weights: expected one number per domain");
+    bool any_positive = false;
+    for (size_t d = 0; d < domains_.size(); ++d) {
+      const double x = w.data()[d];
+      if (!std::isfinite(x) || x < 0) throw std::invalid_argument("weights: expected finite numbers >= 0");
+      any_positive = any_positive || x > 0;
+    }
+    if (!any_positive) throw std::invalid_argument("weights: expected at least one weight > 0");
     std::memcpy(weights_.data(), w.data(), sizeof(double) * domains_.size());
     std::fill(window_.begin(), window_.end(), 0);
   }
@@ -175,6 +184,7 @@ class SamplerCore {
     const int64_t L = seq_len_, B = batch_size_, lo = rank_ * B;
     for (int64_t g = 0; g < world_size_ * B; ++g) {
       const int d = choose();
+      if (seq_index_[d] >= max_index()) throw std::out_of_range("sequence index past the stream position bound");
       const int64_t k = seq_index_[d]++;
       if (g < lo || g >= lo + B) continue;  // another rank's row: only the index advances
       const int64_t row = g - lo;
@@ -202,6 +212,15 @@ class SamplerCore {
     for (auto* a : {&seq_index, &window, &rank_sequences})
       if (a->ndim() != 1 || static_cast<size_t>(a->shape(0)) != nd)
         throw std::invalid_argument("state: expected one integer per domain");
+    // Bounds before anything is copied: k * seq_len + seq_len + 1 must stay far inside int64 (a corrupt
+    // seq_index would overflow it and read outside the document index), and the window sum too.
+    for (size_t d = 0; d < nd; ++d) {
+      if (seq_index.data()[d] < 0 || seq_index.data()[d] >= max_index())
+        throw std::out_of_range("state: seq_index out of range [0, 2**62 / seq_len)");
+      if (window.data()[d] < 0 || window.data()[d] > kMaxPos / static_cast<int64_t>(nd))
+        throw std::out_of_range("state: window_counts out of range");
+      if (rank_sequences.data()[d] < 0) throw std::out_of_range("state: sequences_per_domain < 0");
+    }
     std::memcpy(seq_index_.data(), seq_index.data(), nd * sizeof(int64_t));
     std::memcpy(window_.data(), window.data(), nd * sizeof(int64_t));
     std::memcpy(rank_sequences_.data(), rank_sequences.data(), nd * sizeof(int64_t));
@@ -222,6 +241,8 @@ class SamplerCore {
     std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
     return a;
   }
+
+  int64_t max_index() const { return kMaxPos / seq_len_ - 2; }  // as MAX_STREAM_POS in sampler.py
 
   int choose() {
     int64_t n = 0;

@@ -180,7 +180,10 @@ class DomainSampler:
             raise ValueError(f"weights: expected numbers >= 0, got a negative weight in {w.tolist()}")
         if not np.any(w > 0):
             raise ValueError(f"weights: expected at least one weight > 0, got all zero {w.tolist()}")
-        return w / math.fsum(w)
+        total = _finite_sum(w)
+        if not math.isfinite(total):
+            raise ValueError(f"weights: expected numbers whose sum is finite, got {w.tolist()}")
+        return w / total
 
     def set_weights(self, weights: Sequence[float]) -> None:
         """Change the mixture from the next batch on (the largest-deficit counts restart)."""
@@ -282,38 +285,100 @@ class DomainSampler:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`. The shards, seed and seq_len must match; batch_size and
         world_size may differ (the state is global), then only the per-rank report counters are approximate.
+
+        Every field is validated (:func:`validate_state`) before either backend sees it: a corrupt or
+        foreign state raises ValueError naming the field, and the sampler is left unchanged.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"sampler state: expected a dict with version {STATE_VERSION}, got {state!r:.200}"
-            )
-        for key, mine in (
-            ("seed", self.seed),
-            ("seq_len", self.seq_len),
-            ("stream_lengths", self._stream_lengths()),
-        ):
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"sampler state: {key} is {state.get(key)!r} in the checkpoint but {mine!r} here "
-                    "(different data or settings: the state cannot be resumed)"
-                )
-        w = self._check_weights(state["weights"])
-        arrays = [
-            np.asarray(state[k], dtype=np.int64)
-            for k in ("seq_index", "window_counts", "sequences_per_domain")
-        ]
-        for k, a in zip(("seq_index", "window_counts", "sequences_per_domain"), arrays):
-            if a.shape != (self.num_domains,) or np.any(a < 0):
-                raise ValueError(
-                    f"sampler state: {k}: expected {self.num_domains} integers >= 0, got {a.tolist()}"
-                )
+        arrays, weights, batches = validate_state(
+            state,
+            num_domains=self.num_domains,
+            seed=self.seed,
+            seq_len=self.seq_len,
+            stream_lengths=self._stream_lengths(),
+        )
         self._stop_prefetch()
-        # the stored weights are already normalised: use them bit for bit (renormalising could change the
-        # last bit and with it the largest-deficit choices)
-        self._weights = np.array(state["weights"], dtype=np.float64) if np.isclose(w.sum(), 1.0) else w
+        self._weights = weights  # the stored weights bit for bit (renormalising could change the last bit)
         self._core.set_weights(self._weights)
         self._core.set_state(*arrays)
-        self._batches = int(state.get("batches", 0))
+        self._batches = batches
+
+
+# A sequence index k reads stream positions up to (k + 1) * seq_len + 1: keep that below 2**62, far inside
+# int64 (the C++ core checks the same bound and raises instead of overflowing).
+MAX_STREAM_POS = 1 << 62
+_STATE_KEYS = (
+    "version", "seed", "seq_len", "batch_size", "rank", "world_size", "stream_lengths", "weights",
+    "seq_index", "window_counts", "sequences_per_domain", "batches",
+)  # fmt: skip
+
+
+def _finite_sum(w: np.ndarray) -> float:
+    """Exact sum (math.fsum), inf when it overflows (fsum raises OverflowError there)."""
+    try:
+        return math.fsum(w)
+    except OverflowError:
+        return math.inf
+
+
+def _is_seq(v, n: int) -> bool:
+    """A list, tuple or 1-D array of length n."""
+    if isinstance(v, np.ndarray):
+        return v.ndim == 1 and v.shape[0] == n
+    return isinstance(v, (list, tuple)) and len(v) == n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
+def _int_list(state: dict, key: str, n: int, hi: int) -> np.ndarray:
+    v = state[key]
+    if not _is_seq(v, n) or not all(_is_int(x) and 0 <= x <= hi for x in v):
+        raise ValueError(f"sampler state: {key}: expected {n} integers in [0, {hi}], got {v!r:.200}")
+    return np.array([int(x) for x in v], dtype=np.int64)
+
+
+def validate_state(
+    state, *, num_domains: int, seed: int, seq_len: int, stream_lengths: list[int]
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, int]:
+    """Check a sampler state dict field by field (types, lengths, ranges, weights normalised) against a
+    sampler's settings. Returns ``((seq_index, window_counts, sequences_per_domain), weights, batches)``;
+    raises ValueError naming the first bad field."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"sampler state: expected a dict with version {STATE_VERSION}, got {state!r:.200}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"sampler state: missing fields {missing}")
+    for key in ("seed", "seq_len", "batch_size", "rank", "world_size", "batches"):
+        if not _is_int(state[key]) or state[key] < 0:
+            raise ValueError(f"sampler state: {key}: expected an integer >= 0, got {state[key]!r:.100}")
+    for key, mine in (("seed", seed), ("seq_len", seq_len), ("stream_lengths", stream_lengths)):
+        theirs = state[key]
+        if key == "stream_lengths" and isinstance(theirs, (list, tuple, np.ndarray)):
+            theirs = [int(x) if _is_int(x) else x for x in list(np.asarray(theirs, dtype=object).ravel())]
+        if theirs != mine:
+            raise ValueError(
+                f"sampler state: {key} is {state[key]!r:.200} in the checkpoint but {mine!r:.200} here "
+                "(different data or settings: the state cannot be resumed)"
+            )
+    w = state["weights"]
+    if not _is_seq(w, num_domains) or not all(_is_number(x) for x in w):
+        raise ValueError(f"sampler state: weights: expected {num_domains} numbers, got {w!r:.200}")
+    weights = np.array([float(x) for x in w], dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or not np.any(weights > 0):
+        raise ValueError(f"sampler state: weights: expected finite numbers >= 0, not all 0, got {w!r:.200}")
+    total = _finite_sum(weights)
+    if not abs(total - 1.0) <= 1e-9:
+        raise ValueError(f"sampler state: weights: expected numbers that sum to 1, got sum {total!r}")
+    max_index = MAX_STREAM_POS // seq_len - 2
+    seq_index = _int_list(state, "seq_index", num_domains, max_index)
+    window = _int_list(state, "window_counts", num_domains, MAX_STREAM_POS // num_domains)
+    rank_seqs = _int_list(state, "sequences_per_domain", num_domains, max_index)
+    return (seq_index, window, rank_seqs), weights, int(state["batches"])
 
 
 class _Prefetcher:
