@@ -30,3 +30,24 @@ def _fmt_path(path: str) -> str:
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend (triton, cpp) cannot run here; the message says how to fix it."""
+
+
+class RunError(RuntimeError):
+    """A fault outside the config that the user must fix: the run folder (in use, read-only, holds another
+    run), a checkpoint (none valid, written for another model), an input file, the disk. The message says
+    what happened, what was kept and what to do; ``python -m ddk_fast.train`` prints it and exits with 2."""
+
+
+class CheckpointWriteError(RunError, OSError):
+    """Writing a checkpoint failed (disk full, read-only folder); the previous checkpoint is kept. An
+    OSError too, so callers catching OSError around a save keep working."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf that skipping steps cannot fix; ``python -m ddk_fast.train`` exits with 3
+    and the last good checkpoint is kept."""
+
+
+class NonFiniteTeacherError(NonFiniteError):
+    """The teacher's outputs are not finite: the fault is in the teacher (weights, dtype overflow), not in
+    the student; the message names the step and the domain."""
