@@ -13,7 +13,10 @@ Nothing here downloads: every path is local and ``local_files_only`` is set.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,7 +38,16 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer or cfg.teacher
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            "model.tokenizer",
+            path,
+            "a folder with a tokenizer (tokenizer.json or tokenizer_config.json)",
+            msg,
+        ) from None
     if tok.eos_token_id is None:
         raise ConfigError(
             "model.tokenizer", path, "a tokenizer with an eos token (used as document separator)"
@@ -56,17 +68,27 @@ def _from_config(config_dict: dict, key: str, dtype: torch.dtype, seed: int) -> 
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _load_pretrained(path: str, dtype: torch.dtype, attn: str, **kw) -> nn.Module:
+def _load_pretrained(path: str, dtype: torch.dtype, attn: str, key: str = "model.student", **kw) -> nn.Module:
+    """``from_pretrained`` of a local folder; a folder that does not load is a ConfigError naming ``key``
+    (the pre-flight in runfolder.py catches most of them before; this catches what only loading shows)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn, local_files_only=True, **kw
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, local_files_only=True, **kw
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        msg = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            key, path, "a loadable Hugging Face causal-LM folder", hint=f"{type(exc).__name__}: {msg}"
+        ) from None
 
 
 def load_teacher(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     if cfg.teacher:
-        teacher = _load_pretrained(cfg.teacher, dtype, cfg.attn_implementation)
+        teacher = _load_pretrained(cfg.teacher, dtype, cfg.attn_implementation, "model.teacher")
     else:
         teacher = _from_config(cfg.teacher_config, "model.teacher_config", dtype, seed)
     teacher.to(device).eval()
@@ -120,6 +142,67 @@ def disable_bnb_cpu_repack(model: nn.Module) -> int:
     return n
 
 
+STUDENT_INIT = "student_init"
+INIT_KEY_FILE = "ddk_fast_init.json"
+
+
+def teacher_identity(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> dict:
+    """What identifies the teacher without reading its weights: a folder's resolved path, its config.json
+    bytes and the name, size and mtime of every weight file; an inline config, the seed and dtype."""
+    if not cfg.teacher:
+        return {"config": cfg.teacher_config, "seed": seed, "dtype": str(dtype)}
+    root = Path(cfg.teacher).resolve()
+    cfg_file = root / "config.json"
+    files = []
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json"):
+            st = p.stat()
+            files.append([p.name, st.st_size, st.st_mtime_ns])
+    digest = hashlib.sha256(cfg_file.read_bytes()).hexdigest() if cfg_file.is_file() else None
+    return {"path": str(root), "config_sha256": digest, "files": files, "dtype": str(dtype)}
+
+
+def student_init_key(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> str:
+    """Hash of everything that defines ``<run>/student_init``: the student-defining keys and, for a
+    student cut from the teacher, the teacher's identity."""
+    if cfg.student_from_teacher_layers:
+        payload = {
+            "layers": cfg.student_from_teacher_layers,
+            "teacher": teacher_identity(cfg, dtype, seed),
+        }
+    else:
+        payload = {"student_config": cfg.student_config, "seed": seed, "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _cached_init(path: Path, key: str, build) -> None:
+    """Reuse ``path`` only when its recorded key is ``key``; otherwise (re)build it, then record the key.
+    Built under a temporary name and renamed, so an interrupted build is never reused."""
+    marker = path / INIT_KEY_FILE
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("key") == key:
+                log.info("student init: reusing %s (key %s)", path, key)
+                return
+        except (OSError, ValueError):
+            pass
+    if path.exists():
+        log.warning(
+            "student init: %s was built from another teacher or [model] config (key %s expected); "
+            "rebuilding it",
+            path,
+            key,
+        )
+        shutil.rmtree(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = build()
+    model.save_pretrained(tmp)
+    del model
+    (tmp / INIT_KEY_FILE).write_text(json.dumps({"key": key}) + "\n")
+    tmp.rename(path)
+
+
 def load_student(
     cfg: ModelConfig,
     teacher: nn.Module,
@@ -137,13 +220,12 @@ def load_student(
     if cfg.student:
         path = cfg.student
     elif cfg.student_from_teacher_layers:
-        path = str(run_dir / "student_init")
-        if not (Path(path) / "config.json").exists():
-            init = student_from_teacher(teacher, cfg.student_from_teacher_layers)
-            tmp = Path(path + ".tmp")
-            init.save_pretrained(tmp)
-            tmp.rename(path)
-            del init
+        path = str(run_dir / STUDENT_INIT)
+        _cached_init(
+            Path(path),
+            student_init_key(cfg, dtype, seed),
+            lambda: student_from_teacher(teacher, cfg.student_from_teacher_layers),
+        )
     else:
         path = None
 
@@ -151,9 +233,12 @@ def load_student(
         from transformers import BitsAndBytesConfig
 
         if path is None:  # an inline config: materialise it so quantisation goes through from_pretrained
-            path = str(run_dir / "student_init")
-            if not (Path(path) / "config.json").exists():
-                _from_config(cfg.student_config, "model.student_config", dtype, seed).save_pretrained(path)
+            path = str(run_dir / STUDENT_INIT)
+            _cached_init(
+                Path(path),
+                student_init_key(cfg, dtype, seed),
+                lambda: _from_config(cfg.student_config, "model.student_config", dtype, seed),
+            )
         bnb_cfg = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
