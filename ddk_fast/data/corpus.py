@@ -22,6 +22,7 @@ Errors are :class:`~ddk_fast.errors.ConfigError` with the path ``data.domains[i]
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,10 +41,11 @@ from .shards import ShardError, ShardWriter, TokenShard
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: a test split beside val
+FORMAT_VERSION = 3  # 2: a test split beside val; 3: faults.json (bad-record counts) per domain
 EXTENSION_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 1000
-_PROGRESS_MIN_DOCS = 20000
+FAULTS_FILE = "faults.json"
+_PROGRESS_MIN_BYTES = 8 << 20  # a progress bar for files from 8 MB
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class PreparedDomain:
     test: TokenShard
     cache_dir: Path
     reused: bool = False
+    faults: tuple[FileFaults, ...] = ()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -123,52 +126,166 @@ def _cache_key(tokenizer_fp: str, files: list[tuple[Path, str]], text_field: str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _iter_documents(i: int, files, text_field: str, hf_cache: Path, num_proc: int | None):
-    """Yield (file, dataset, field) per file, after checking the text field exists."""
+@dataclass
+class FileFaults:
+    """Bad records of one file: without the text field (or not a string), empty, undecodable."""
+
+    path: str
+    records: int = 0
+    missing_field: int = 0
+    empty: int = 0
+    undecodable: int = 0
+    first: str | None = None  # "file:line: what is wrong" of the first bad record
+
+    @property
+    def bad(self) -> int:
+        return self.missing_field + self.empty + self.undecodable
+
+    def note(self, kind: str, where: str, what: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if self.first is None:
+            self.first = f"{where}: {what}"
+
+    def summary(self, text_field: str) -> str:
+        parts = [
+            f"{n} {label}"
+            for n, label in (
+                (self.missing_field, f"without a string field {text_field!r}"),
+                (self.empty, "empty"),
+                (self.undecodable, "undecodable"),
+            )
+            if n
+        ]
+        what = ", ".join(parts)
+        return f"{self.bad} of {self.records} records bad in {self.path} ({what}; first: {self.first})"
+
+
+def _read_lines(p: Path, fmt: str, field: str, faults: FileFaults):
+    """.jsonl / .txt read line by line, so a bad record has a line number: yields (where, text)."""
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{p}:{lineno}"
+            if fmt == "text":
+                line = raw.rstrip(b"\r\n")
+                if not line.strip():
+                    continue  # a blank line separates documents in a .txt file: not a record
+                faults.records += 1
+                try:
+                    yield where, line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    faults.note("undecodable", where, f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
+            if not raw.strip():
+                continue  # blank line between JSON records
+            faults.records += 1
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, ValueError) as exc:
+                faults.note("undecodable", where, f"not a JSON record ({str(exc)[:80]})")
+                continue
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                what = (
+                    f"no field {field!r}"
+                    if not isinstance(record, dict) or field not in record
+                    else (f"field {field!r} is {type(text).__name__}, not a string")
+                )
+                faults.note("missing_field", where, what)
+                continue
+            yield where, text
+
+
+def _read_table(i: int, p: Path, fmt: str, field: str, faults: FileFaults, hf_cache: Path, num_proc):
+    """.json / .parquet through ``datasets``: yields (file:record, text)."""
     import datasets
 
-    for p, fmt in files:
-        field = "text" if fmt == "text" else text_field
-        try:
-            ds = datasets.load_dataset(
-                fmt, data_files=str(p), split="train", cache_dir=str(hf_cache), num_proc=num_proc
-            )
-        except Exception as exc:
+    try:
+        ds = datasets.load_dataset(
+            fmt, data_files=str(p), split="train", cache_dir=str(hf_cache), num_proc=num_proc
+        )
+    except Exception as exc:
+        raise ConfigError(
+            f"data.domains[{i}].files", str(p), f"a readable {fmt} file", hint=f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if field not in ds.column_names:
+        raise ConfigError(
+            f"data.domains[{i}].text_field", field, f"a field of the data; {p} has fields {ds.column_names}"
+        )
+    for start in range(0, len(ds), _TOKENIZE_BATCH):
+        for j, text in enumerate(ds[start : start + _TOKENIZE_BATCH][field], start + 1):
+            faults.records += 1
+            if not isinstance(text, str):
+                faults.note("missing_field", f"{p}:record {j}", f"field {field!r} is {text!r:.40}")
+                continue
+            yield f"{p}:record {j}", text
+
+
+def _records(i: int, p: Path, fmt: str, text_field: str, faults: FileFaults, hf_cache: Path, num_proc):
+    field = "text" if fmt == "text" else text_field
+    if p.suffix.lower() in (".jsonl", ".txt"):
+        yield from _read_lines(p, fmt, field, faults)
+        if faults.records and faults.missing_field == faults.records:  # the field is nowhere: a config error
             raise ConfigError(
-                f"data.domains[{i}].files",
-                str(p),
-                f"a readable {fmt} file",
-                hint=f"{type(exc).__name__}: {exc}",
-            ) from exc
-        if field not in ds.column_names:
-            raise ConfigError(
-                f"data.domains[{i}].text_field",
-                text_field,
-                f"a field of the data; {p} has fields {ds.column_names}",
+                f"data.domains[{i}].text_field", text_field, f"a field of the data; {faults.first}"
             )
-        yield p, ds, field
+    else:
+        yield from _read_table(i, p, fmt, field, faults, hf_cache, num_proc)
+
+
+def _add_batch(w: ShardWriter, tokenizer, batch: list[tuple[str, str]], faults: FileFaults) -> None:
+    """Tokenise a batch of (where, text) and append the non-empty documents to the shard."""
+    if not batch:
+        return
+    for (where, _), ids in zip(batch, _encode(tokenizer, [t for _, t in batch])):
+        if ids:
+            w.add(np.asarray(ids, dtype=np.int64))
+        else:
+            faults.note("empty", where, "no text (tokenises to nothing)")
 
 
 def _tokenise_domain(
     i, name, files, text_field, tokenizer, vocab_size, out_dir, hf_cache, num_proc
-) -> TokenShard:
+) -> tuple[TokenShard, list[FileFaults]]:
     from tqdm.auto import tqdm
 
+    report = []
     with ShardWriter(out_dir, vocab_size, {"domain": name, "split": "all"}) as w:
-        for p, ds, field in _iter_documents(i, files, text_field, hf_cache, num_proc):
-            n = len(ds)
-            with tqdm(
-                total=n, desc=f"tokenising {name} ({p.name})", unit="doc", disable=n < _PROGRESS_MIN_DOCS
-            ) as bar:
-                for start in range(0, n, _TOKENIZE_BATCH):
-                    col = ds[start : start + _TOKENIZE_BATCH][field]
-                    texts = [t for t in col if isinstance(t, str) and t]
-                    if texts:
-                        for ids in _encode(tokenizer, texts):
-                            if ids:
-                                w.add(np.asarray(ids, dtype=np.int64))
-                    bar.update(len(col))
-    return TokenShard.open(out_dir)
+        for p, fmt in files:
+            faults = FileFaults(str(p))
+            report.append(faults)
+            batch: list[tuple[str, str]] = []
+            big = p.stat().st_size >= _PROGRESS_MIN_BYTES
+            with tqdm(desc=f"tokenising {name} ({p.name})", unit="doc", disable=not big) as bar:
+                for where, text in _records(i, p, fmt, text_field, faults, hf_cache, num_proc):
+                    batch.append((where, text))
+                    if len(batch) >= _TOKENIZE_BATCH:
+                        _add_batch(w, tokenizer, batch, faults)
+                        bar.update(len(batch))
+                        batch = []
+                _add_batch(w, tokenizer, batch, faults)
+    return TokenShard.open(out_dir), report
+
+
+def _load_faults(folder: Path) -> list[FileFaults]:
+    try:
+        return [FileFaults(**f) for f in json.loads((folder / FAULTS_FILE).read_text())]
+    except (OSError, ValueError, TypeError) as exc:
+        raise ShardError(f"{folder / FAULTS_FILE}: missing or unreadable ({exc})") from None
+
+
+def check_faults(i: int, report: list[FileFaults], text_field: str, max_bad_records: float) -> None:
+    """Log every file with bad records; raise ConfigError when one has more than ``max_bad_records``."""
+    for faults in report:
+        if not faults.bad:
+            continue
+        if faults.bad > max_bad_records * faults.records:
+            raise ConfigError(
+                f"data.domains[{i}].files",
+                faults.first,
+                f"at most [data] max_bad_records = {max_bad_records} of a file's records bad",
+                hint=f"{faults.summary(text_field)}; fix the data, or raise max_bad_records to skip them",
+            )
+        logger.warning("domain %d: skipped %s", i, faults.summary(text_field))
 
 
 def _copy_docs(src: TokenShard, docs: np.ndarray, out_dir: Path, extra_meta: dict) -> TokenShard:
@@ -229,6 +346,7 @@ def prepare_domains(
     test_sequences: int | None = None,
     seed: int = 0,
     num_proc: int | None = None,
+    max_bad_records: float = 0.0,
 ) -> list[PreparedDomain]:
     """Tokenise (or reuse from ``cache_dir``) every domain into train/val/test :class:`TokenShard` s.
 
@@ -241,6 +359,9 @@ def prepare_domains(
         test_sequences: test sequences per domain (>= 0); None = ``val_sequences``.
         seed: seed of the val/test document selection.
         num_proc: passed to ``datasets.load_dataset``; fast tokenizers already encode batches in parallel.
+        max_bad_records: fraction of a file's records that may be bad (no text field, empty, undecodable)
+            and are skipped with a warning; above it ConfigError names ``file:line`` of the first. The
+            counts are stored with the shards and checked again when they are reused.
 
     Returns:
         One :class:`PreparedDomain` per domain, in order.
@@ -273,7 +394,9 @@ def prepare_domains(
         final = cache / f"{_safe(dom.name)}-{key}"
         if final.is_dir():
             try:
-                prepared = PreparedDomain(dom.name, *_open_splits(final), final, True)
+                report = _load_faults(final)
+                prepared = PreparedDomain(dom.name, *_open_splits(final), final, True, tuple(report))
+                check_faults(i, report, dom.text_field, max_bad_records)
                 logger.info("domain %s: reusing cached shards in %s", dom.name, final)
                 out.append(prepared)
                 continue
@@ -284,7 +407,7 @@ def prepare_domains(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            all_shard = _tokenise_domain(
+            all_shard, report = _tokenise_domain(
                 i, dom.name, files, dom.text_field, tokenizer, vocab_size, tmp / "all", hf_cache, num_proc
             )
             if all_shard.num_docs == 0:
@@ -294,6 +417,8 @@ def prepare_domains(
                     f"files with non-empty text in field {dom.text_field!r}",
                     hint=f"domain {dom.name!r} has no text that tokenises to any token",
                 )
+            check_faults(i, report, dom.text_field, max_bad_records)
+            (tmp / FAULTS_FILE).write_text(json.dumps([dataclasses.asdict(f) for f in report]) + "\n")
             val_docs, test_docs, train_docs = _split(
                 i,
                 all_shard,
@@ -323,7 +448,7 @@ def prepare_domains(
             dom.name, train.num_tokens, train.num_docs, val.num_tokens, val.num_docs, test.num_tokens,
             test.num_docs, final,
         )  # fmt: skip
-        out.append(PreparedDomain(dom.name, train, val, test, final, False))
+        out.append(PreparedDomain(dom.name, train, val, test, final, False, tuple(report)))
     return out
 
 
