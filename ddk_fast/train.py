@@ -1,15 +1,22 @@
-"""``python -m ddk_fast.train --config run.toml [--set section.key=value ...] [--resume]``.
+"""``python -m ddk_fast.train --config run.toml [--set section.key=value ...] [--resume | --overwrite]``.
 
 Under ``torchrun --nproc_per_node N [--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port] -m
 ddk_fast.train --config run.toml`` every rank runs the same command (see :mod:`ddk_fast.distributed`).
 
-Exit codes: 0 done, 2 bad configuration or input (message names the key, the value and what was expected,
-no traceback), 3 training stopped after too many non-finite losses (the last good checkpoint is kept).
+Exit codes (one line on stderr, no traceback, for 2 and 3):
+  0  done.
+  2  something to fix before running again: the configuration or an input (the message names the key, the
+     value and what was expected), or the run folder (in use by another run, not writable, holds checkpoints
+     of an earlier run, no valid checkpoint to resume, a checkpoint written for another student), or the
+     disk (full while writing a checkpoint: the previous checkpoint is kept).
+  3  training stopped on non-finite numbers: too many consecutive non-finite steps, weights that are not
+     finite, or a teacher whose outputs are not finite (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -28,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (repeatable)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a run folder that holds checkpoints (deletes the earlier run's files first)",
+    )
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun: rank 0 logs progress, the others warnings only
     logging.basicConfig(
@@ -38,32 +51,48 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from .config import load_config
-    from .errors import BackendUnavailableError, ConfigError
+    from .errors import BackendUnavailableError, ConfigError, NonFiniteError, RunError
+    from .trainer import TrainingStopped
 
     try:
         cfg = load_config(args.config, args.set)
-        return run(cfg, resume=args.resume)
+        return run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, BackendUnavailableError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (TrainingStopped, NonFiniteError) as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+        print(f"error: {what}: {exc}; the last checkpoint is kept, run again with --resume", file=sys.stderr)
+        return 2
 
 
-def run(cfg, resume: bool = False) -> int:
-    """Set up, (resume,) train, report. Under torchrun every rank runs this; rank 0 alone writes files."""
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
+    """Train ``cfg`` in its run folder (pre-flight, lock, resume) and write the report. Raises the errors
+    ``main`` turns into exit codes.
+    Under torchrun every rank runs this; rank 0 alone writes files."""
     from .report import write_report
-    from .trainer import Trainer, TrainingStopped
+    from .runfolder import prepare_run_folder
+    from .trainer import Trainer
 
     log = logging.getLogger("ddk_fast")
+    folder = prepare_run_folder(cfg, resume=resume, overwrite=overwrite)
     trainer = Trainer(cfg)
-    try:
+    try:  # the folder stays locked until the run ends, however it ends
         trainer.setup()
-        if resume:
-            trainer.resume()
-        try:
-            result = trainer.fit()
-        except TrainingStopped as exc:
-            log.error("%s", exc)
-            return 3
+        if folder.resume_from is not None:
+            trainer.resume(folder.resume_from)
+        result = trainer.fit()
         ctx = trainer.ctx
         if ctx.is_main:
             parallel = f"{ctx.mode} over {ctx.world_size} ranks" if ctx.distributed else "none (1 process)"
@@ -79,6 +108,7 @@ def run(cfg, resume: bool = False) -> int:
             log.info("report: %s", report)
         return 0
     finally:
+        folder.release()
         if hasattr(trainer, "ctx"):
             trainer.close()
 
