@@ -4,7 +4,7 @@ Layout of ``<run>/checkpoints/step_<N>/``:
   ``trainable.safetensors``  every parameter with requires_grad (LoRA adapters, or all weights in full mode)
   ``adapter/``               the adapters in peft's own format (``save_pretrained``), loadable by peft
   ``state.pt``               optimizer, scheduler, RNG states, sampler, DDK mixer, trainer counters
-  ``manifest.json``          written last: step, config hash, the ``[model]`` section, and per file its size
+  ``manifest.json``          written last: step, the resolved config and its hash, and per file its size
                              and (files up to ``CHECKSUM_MAX_BYTES``) its sha256
 
 A checkpoint is written to ``step_<N>.tmp`` and renamed when complete; ``latest`` is a small text file
@@ -170,8 +170,7 @@ def save_checkpoint(
     state: dict,
     keep_last: int,
     *,
-    config_hash: str = "",
-    model_config: dict | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write ``step_<step>`` (weights, state, manifest last), point ``latest`` at it, then prune.
 
@@ -196,8 +195,8 @@ def save_checkpoint(
         manifest = {
             "version": MANIFEST_VERSION,
             "step": step,
-            "config_hash": config_hash,
-            "model": model_config or {},
+            "config_hash": config_hash(config or {}),
+            "config": config or {},
             "files": _file_entries(tmp),
         }
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -213,6 +212,11 @@ def save_checkpoint(
         raise _write_error(ckpt_root, step, exc) from exc
     prune(ckpt_root, keep_last, protect=final)
     return final
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the resolved config (canonical JSON)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _write_error(ckpt_root: Path, step: int, exc: OSError) -> CheckpointWriteError:

@@ -160,6 +160,29 @@ def _norm(v):
     return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
+def truncate_metrics(path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` with ``step <= step`` (a resumed run writes the later ones
+    again) and drop a torn last line; returns the number of rows dropped. Written atomically."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            ok = False  # a line torn by a crash mid-write
+        if ok:
+            keep.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return dropped
+
+
 def clear_run_folder(run_dir: Path) -> list[str]:
     """Delete what a run writes into ``run_dir`` (never other files); returns the names removed."""
     removed = []
