@@ -150,7 +150,10 @@ def check_resumable(path: Path, cfg: RunConfig) -> None:
         for section, values in now.items()
         if isinstance(values, dict)
         for k, v in values.items()
-        if section in saved and k in saved[section] and _norm(saved[section][k]) != _norm(v)
+        if section != "output"
+        and section in saved
+        and k in saved[section]
+        and _norm(saved[section][k]) != _norm(v)
     ]
     if changed:
         log.warning("--resume: config differs from the checkpoint's in %s", ", ".join(changed))
