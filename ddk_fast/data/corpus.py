@@ -1,9 +1,12 @@
 """Corpus preparation: local files per domain -> tokenised, cached train/validation token shards.
 
-``prepare_domains`` reads each domain's files with ``datasets.load_dataset`` (offline; format from the
-extension: ``.jsonl``/``.json`` -> json, ``.parquet`` -> parquet, ``.txt`` -> text, one document per line,
-field ``"text"`` whatever ``text_field`` says), tokenises every document once without special tokens (the
-sampler inserts the separator), drops empty documents, and holds out two fixed splits per domain, drawn
+``prepare_domains`` reads each domain's files (``.jsonl`` and ``.txt`` line by line, so a bad record has a
+line number; ``.json`` and ``.parquet`` with ``datasets.load_dataset``, offline; ``.txt`` is one document per
+non-blank line, field ``"text"`` whatever ``text_field`` says), tokenises every document once without
+special tokens (the sampler inserts the separator), counts bad records per file (no string ``text_field``,
+empty, undecodable: :class:`FileFaults`, logged; above ``max_bad_records`` a ConfigError names
+``file:line`` of the first; the counts are cached in ``faults.json`` and checked again on reuse), and holds
+out two fixed splits per domain, drawn
 from one seeded permutation of the documents: ``val`` (what DDK steers on) takes whole documents until it
 holds ``val_sequences * (seq_len + 1)`` tokens (separators included), then ``test`` (reported only) takes the
 next documents until ``test_sequences * (seq_len + 1)``. The three splits are disjoint sets of documents;
