@@ -224,10 +224,11 @@ def check_models(cfg: RunConfig) -> None:
         check_model_folder(m.student, "model.student")
     if m.attn_implementation in ("flash_attention_2", "flash_attention_3"):
         package = "flash_attn" if m.attn_implementation == "flash_attention_2" else "flash_attn_interface"
-        from .trainer import resolve_device
+        import torch
 
-        device = resolve_device(cfg.train.device)
-        if importlib.util.find_spec(package) is None or device.type != "cuda":
+        dev = cfg.train.device
+        cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+        if importlib.util.find_spec(package) is None or not cuda:
             raise ConfigError(
                 "model.attn_implementation",
                 m.attn_implementation,

@@ -145,7 +145,7 @@ def test_override_is_validated_like_the_file(good, tmp_path):
         load_config(path, ["loss.temperature=3", "data.domains[1].weight=0.25"]).data.domains[1].weight
         == 0.25
     )
-    with pytest.raises(ConfigError, match=r"\[loss\] temperature: expected a number in \[0.05, 100.0\].*got 0"):
+    with pytest.raises(ConfigError, match=r"\[loss\] temperature: expected a number in \[0.05, 100.0\]"):
         load_config(path, ["loss.temperature=0"])
 
 
