@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 ext: setup
 	$(BIN)/python setup.py -q build_ext --inplace
 
+# --overwrite: `make demo` again starts the demo run again (a run folder holding checkpoints is refused
+# without --resume or --overwrite).
 demo: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
-	$(BIN)/python -m ddk_fast.train --config examples/demo.toml
+	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --overwrite
 
 # "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
 compare: setup
