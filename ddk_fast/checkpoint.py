@@ -4,6 +4,8 @@ Layout of ``<run>/checkpoints/step_<N>/``:
   ``trainable.safetensors``  every parameter with requires_grad (LoRA adapters, or all weights in full mode)
   ``adapter/``               the adapters in peft's own format (``save_pretrained``), loadable by peft
   ``state.pt``               optimizer, scheduler, RNG states, sampler, DDK mixer, trainer counters
+  ``dcp/``                   under FSDP, instead of the first two: every rank's shard of the trainable
+                             weights and of the optimizer state (torch.distributed.checkpoint)
   ``manifest.json``          written last: step, the resolved config and its hash, and per file its size
                              and (files up to ``CHECKSUM_MAX_BYTES``) its sha256
 
@@ -41,6 +43,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 CHECKSUM_MAX_BYTES = 64 << 20  # larger files (full-mode weights) are checked by size only
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+SHARDED = "dcp"  # the folder of a sharded (FSDP) checkpoint's weights and optimizer state
 
 
 def rng_state() -> dict:
@@ -116,7 +119,8 @@ def verify_checkpoint(path: Path) -> str | None:
     if m and manifest.get("step") != int(m.group(1)):
         return f"manifest step {manifest.get('step')!r} does not match the folder name"
     files = manifest.get("files")
-    if not isinstance(files, dict) or "state.pt" not in files or "trainable.safetensors" not in files:
+    weights = ("trainable.safetensors", f"{SHARDED}/.metadata")  # single file, or sharded (DCP)
+    if not isinstance(files, dict) or "state.pt" not in files or not any(w in files for w in weights):
         return "manifest lists no state.pt / trainable.safetensors"
     for rel, entry in files.items():
         p = path / rel
@@ -148,12 +152,21 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def check_finite_weights(model: nn.Module, step: int) -> None:
-    """Raise NonFiniteError when a trainable parameter holds NaN/inf (one device reduction, one sync)."""
+def check_finite_weights(model: nn.Module, step: int, all_reduce_min=None) -> None:
+    """Raise NonFiniteError when a trainable parameter holds NaN/inf (one device reduction, one sync).
+
+    Sharded (FSDP) parameters are checked shard by shard; ``all_reduce_min`` (a collective, in place) then
+    combines the ranks' flags, so every rank raises or none does.
+    """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         return
-    flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])
+    local = [getattr(p, "to_local", None) for _, p in params]
+    flags = torch.stack(
+        [torch.isfinite(f() if f else p.detach()).all() for f, (_, p) in zip(local, params)]
+    ).to(torch.float32)
+    if all_reduce_min is not None:
+        all_reduce_min(flags)
     if bool(flags.all()):
         return
     bad = [n for (n, _), ok in zip(params, flags.tolist()) if not ok]
@@ -192,26 +205,31 @@ def save_checkpoint(
         if hasattr(model, "peft_config"):
             model.save_pretrained(tmp / "adapter")
         torch.save(state, tmp / "state.pt")
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "step": step,
-            "config_hash": config_hash(config or {}),
-            "config": config or {},
-            "files": _file_entries(tmp),
-        }
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        old = ckpt_root / f"step_{step:08d}.old"
-        if final.exists():  # the same step again (a resumed run): keep it until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _write_latest(ckpt_root, final.name)
+        _publish(ckpt_root, step, tmp, final, config)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(ckpt_root, step, exc) from exc
     prune(ckpt_root, keep_last, protect=final)
     return final
+
+
+def _publish(ckpt_root: Path, step: int, tmp: Path, final: Path, config: dict | None) -> None:
+    """Write the manifest of the complete ``tmp`` folder, rename it to ``final``, point ``latest`` at it."""
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "config_hash": config_hash(config or {}),
+        "config": config or {},
+        "files": _file_entries(tmp),
+    }
+    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    old = ckpt_root / f"step_{step:08d}.old"
+    if final.exists():  # the same step again (a resumed run): keep it until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _write_latest(ckpt_root, final.name)
 
 
 def config_hash(config: dict) -> str:
@@ -302,6 +320,10 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))
+    return _load_state(path)
+
+
+def _load_state(path: Path) -> dict:
     try:
         return torch.load(path / "state.pt", weights_only=False)
     except Exception as exc:  # a pickle that passed the size check but does not load
@@ -311,10 +333,10 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
 # ------------------------------------------------------------------------------------------ sharded (FSDP2)
 # Under FSDP every rank holds a shard of the trainable weights and of the optimizer state. They are written
 # with torch.distributed.checkpoint (DCP) into ``step_<N>.tmp/dcp/`` by all ranks together; rank 0 then
-# writes ``state.pt`` (everything but weights and optimizer) and renames the folder, exactly as above. DCP
-# records each tensor's global shape, so the checkpoint loads under another world size (it reshards), and
-# also into an unsharded model in a single process.
-SHARDED = "dcp"
+# writes ``state.pt`` (everything but weights and optimizer) and the manifest, and renames the folder, exactly
+# as above (the same verification, finiteness check and pruning). DCP records each tensor's global shape, so
+# the checkpoint loads under another world size (it reshards), and also into an unsharded model in a single
+# process.
 
 
 def _dcp_options():
@@ -324,32 +346,63 @@ def _dcp_options():
 
 
 def save_sharded_checkpoint(
-    ckpt_root: Path, step: int, model: nn.Module, optimizer, state: dict, keep_last: int, rank: int, barrier
+    ckpt_root: Path, step: int, model: nn.Module, optimizer, state: dict, keep_last: int, ctx, *, config=None
 ) -> Path:
-    """Collective: every rank calls it. ``barrier`` synchronises the ranks (a no-argument callable)."""
+    """Collective: every rank calls it. ``ctx`` is the :class:`~ddk_fast.distributed.ParallelContext`
+    (its collectives; rank 0 writes the small files). Raises like :func:`save_checkpoint`, on every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    ckpt_root = Path(ckpt_root)
+    check_finite_weights(model, step, ctx.all_reduce_min)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
-    if rank == 0:
+
+    def on_disk(fn):  # rank 0's part of the write: an OSError removes tmp and names the kept checkpoint
+        def run():
+            try:
+                fn()
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise _write_error(ckpt_root, step, exc) from exc
+
+        ctx.main_only(run)
+
+    def start():
         ckpt_root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    barrier()
-    msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
-    barrier()
-    if rank == 0:
+
+    def finish():
         torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(ckpt_root, final.name)
-        prune(ckpt_root, keep_last, protect=final)
-    barrier()
+        _publish(ckpt_root, step, tmp, final, config)
+
+    on_disk(start)
+    msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
+    except Exception as exc:  # DCP gathers every rank's failure and raises on all of them
+        os_error = _os_error(exc)
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if os_error is None:
+            raise
+        raise _write_error(ckpt_root, step, os_error) from exc
+    on_disk(finish)
+    ctx.main_only(lambda: prune(ckpt_root, keep_last, protect=final))
     return final
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (DCP wraps each rank's failure in a CheckpointException), or None."""
+    if isinstance(exc, OSError):
+        return exc
+    for failure in getattr(exc, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, OSError):
+            return inner
+    return None
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -367,4 +420,4 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     set_state_dict(
         model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_dcp_options()
     )
-    return torch.load(path / "state.pt", weights_only=False)
+    return _load_state(path)

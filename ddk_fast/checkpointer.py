@@ -8,7 +8,10 @@
 * ``final/``: always a Hugging Face (full) or peft (adapters) folder plus the tokenizer, written by rank 0;
   under FSDP the full state dict is gathered to rank 0 first.
 
-Atomicity is the same everywhere: a ``.tmp`` folder renamed when complete, then ``latest`` replaced.
+Atomicity and trust are the same everywhere: a ``.tmp`` folder renamed when complete (with its manifest),
+then ``latest`` replaced; weights that are not finite are never written; resuming takes the newest checkpoint
+that verifies (:func:`ddk_fast.checkpoint.select_checkpoint`, chosen on rank 0 for every rank). A failure on
+rank 0 (disk full, non-finite weights) is raised on every rank, so all ranks stop with the same error.
 """
 
 from __future__ import annotations
@@ -20,13 +23,23 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .bundle import ModelBundle
 from .distributed import ParallelContext
+from .errors import RunError
 
 log = logging.getLogger("ddk_fast")
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, ctx: ParallelContext, models: ModelBundle, optimizer):
+    def __init__(
+        self,
+        run_dir: Path,
+        keep_last: int,
+        ctx: ParallelContext,
+        models: ModelBundle,
+        optimizer,
+        config: dict | None = None,
+    ):
         self.run_dir = run_dir
+        self.config = config  # the resolved config, recorded in each manifest (resume compatibility)
         self.root = run_dir / "checkpoints"
         self.keep_last = keep_last
         self.ctx = ctx
@@ -44,38 +57,53 @@ class Checkpointer:
                 self.optimizer,
                 state,
                 self.keep_last,
-                ctx.rank,
-                ctx.barrier,
+                ctx,
+                config=self.config,
             )
-        else:
-            path = self.root / f"step_{step:08d}"
-            if ctx.is_main:
+        else:  # every rank holds the same replica: rank 0 writes it, its errors reach every rank
+
+            def write() -> Path:
                 full = {**state, "optimizer": self.optimizer.state_dict()}
-                path = ckpt.save_checkpoint(self.root, step, self.models.student, full, self.keep_last)
-            ctx.barrier()
+                return ckpt.save_checkpoint(
+                    self.root, step, self.models.student, full, self.keep_last, config=self.config
+                )
+
+            path = ctx.main_only(write)
         if ctx.is_main:
             log.info("checkpoint: %s", path)
         return path
 
     def load_latest(self) -> tuple[Path, dict] | None:
-        """Load the latest checkpoint's weights and optimizer state in place; None when there is none."""
-        ctx = self.ctx
-        name = ckpt.latest_checkpoint(self.root) if ctx.is_main else None
-        name = ctx.broadcast_object(None if name is None else name.name)  # all ranks load the same one
-        if name is None:
+        """Load the newest checkpoint that verifies (chosen on rank 0, the same on every rank) in place;
+        None when none does."""
+
+        def choose() -> Path | None:
+            path, rejected = ckpt.select_checkpoint(self.root)
+            for bad, reason in rejected:
+                log.warning("resume: skipping checkpoint %s: %s", bad, reason)
+            return path
+
+        path = self.ctx.main_only(choose)
+        if path is None:
             return None
-        path = self.root / name
+        return path, self.load(path)
+
+    def load(self, path: Path) -> dict:
+        """Load ``path``'s weights and optimizer state in place (collective under FSDP); returns the rest of
+        its state. RunError when the checkpoint does not fit this model, optimizer or parallel mode."""
         if ckpt.is_sharded_checkpoint(path):
-            state = ckpt.load_sharded_checkpoint(path, self.models.objective, self.optimizer)
-        elif ctx.mode == "fsdp":
-            raise RuntimeError(
+            return ckpt.load_sharded_checkpoint(path, self.models.objective, self.optimizer)
+        if self.ctx.mode == "fsdp":
+            raise RunError(
                 f"checkpoint {path} was written without FSDP (trainable.safetensors); resume it with "
                 '[train] parallel = "ddp" (or in a single process)'
             )
-        else:
-            state = ckpt.load_checkpoint(path, self.models.student)
+        state = ckpt.load_checkpoint(path, self.models.student)
+        try:
             self.optimizer.load_state_dict(state["optimizer"])
-        return path, state
+        except (ValueError, KeyError) as exc:
+            raise RunError(f"checkpoint {path} cannot be resumed with this config: {exc}") from None
+        return state
 
     def export(self, tokenizer, student_mode: str) -> Path:
         """The final student in Hugging Face format: adapters (peft) or the full model, plus the tokenizer."""

@@ -109,6 +109,28 @@ class ParallelContext:
         self.barrier()
         return out
 
+    def main_only(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 alone and give its result to every rank (one broadcast, also a barrier).
+
+        An exception on rank 0 is raised on every rank with the same type and message, so the ranks stop
+        together (and exit with the same code) instead of waiting in the next collective for rank 0.
+        """
+        if not self.distributed:
+            return fn()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # handed to every rank below, then raised here too
+                error = exc
+        failed = None if error is None else (type(error), str(error))
+        result, failed = self.broadcast_object((result, failed))
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise _rebuild(*failed)
+        return result
+
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
@@ -116,6 +138,17 @@ class ParallelContext:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.owns_group = False
+
+
+def _rebuild(cls: type[BaseException], message: str) -> BaseException:
+    """Rank 0's exception for another rank: its class with its message (errors whose constructor takes
+    other arguments, like ConfigError, get the message alone)."""
+    try:
+        return cls(message)
+    except TypeError:
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, message)
+        return exc
 
 
 def env_world() -> tuple[int, int, int, bool]:

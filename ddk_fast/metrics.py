@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from .runfolder import truncate_metrics
+
 log = logging.getLogger("ddk_fast")
 
 
@@ -37,12 +39,9 @@ class MetricsWriter:
                             self.tb.add_scalar(f"{k}/{name}", x, row["step"])
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they will be produced again)."""
-        if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in keep))
+        """On resume, drop rows logged after the checkpoint (they will be produced again) and a line torn by
+        a crash mid-write; atomically."""
+        truncate_metrics(self.path, step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -2,8 +2,8 @@
 same ones.
 
 * :func:`step_is_finite`: a step is applied only when its loss **and** its gradient norm are finite. Both
-  are reduced to one flag on the device; reading it is the step's one host sync (the loop already needs
-  the loss on the host), never one per micro-batch.
+  are reduced to one flag on the device (and over the ranks with MIN, so every rank takes the same
+  decision); reading it is the step's one host sync, never one per micro-batch.
 * :class:`TeacherGuard`: the frozen teacher must produce finite outputs. It is checked at its first forward
   on each domain (a host read only until every domain has been seen), on its validation losses, and, when
   a step is not finite, from per-domain counts accumulated on the device during the step, so a teacher
@@ -22,9 +22,13 @@ import torch
 from .errors import NonFiniteTeacherError
 
 
-def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """True when both the loss and the gradient norm are finite (one host read)."""
-    return bool((torch.isfinite(loss) & torch.isfinite(grad_norm)).all())
+def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, all_reduce_min=None) -> bool:
+    """True when both the loss and the gradient norm are finite (one host read). ``all_reduce_min`` (a
+    collective, in place) makes it True only when they are finite on every rank."""
+    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).all().to(torch.float32).reshape(1)
+    if all_reduce_min is not None:
+        all_reduce_min(flag)
+    return bool(flag.item())
 
 
 class TeacherGuard:
@@ -50,8 +54,18 @@ class TeacherGuard:
             self.seen[present] = True
             self.check(step, "at its first forward on the domain")
 
-    def check(self, step: int, when: str = "in a step whose loss was not finite") -> None:
-        """Raise NonFiniteTeacherError when this step's teacher outputs held NaN/inf (one host read)."""
+    def check(
+        self, step: int, when: str = "in a step whose loss was not finite", all_reduce_sum=None
+    ) -> None:
+        """Raise NonFiniteTeacherError when this step's teacher outputs held NaN/inf (one host read).
+
+        ``all_reduce_sum`` (a collective: every rank must call ``check`` then) sums the counts over the ranks,
+        so all of them raise together, each naming every rank's bad domains.
+        """
+        if all_reduce_sum is not None:
+            if self._bad is None:
+                self._bad = torch.zeros(len(self.names), dtype=torch.float32)
+            all_reduce_sum(self._bad)
         if self._bad is None:
             return
         counts = self._bad.cpu().tolist()

@@ -23,6 +23,7 @@ from .config import RunConfig
 from .ddk import COLLAPSE_WEIGHT, DomainMixer
 from .distributed import ParallelContext
 from .evaluation import ScoreFn, sharded_domain_losses
+from .nonfinite import TeacherGuard
 
 log = logging.getLogger("ddk_fast")
 
@@ -42,6 +43,7 @@ class DomainSchedule:
                 val_sequences=d.val_sequences,
                 test_sequences=d.test_sequences or d.val_sequences,
                 seed=d.split_seed,
+                max_bad_records=d.max_bad_records,
             )
         )
         self.names = [dom.name for dom in self.domains]
@@ -78,6 +80,8 @@ class DomainSchedule:
         )
         self.teacher_losses: list[float] | None = None
         self.eval_history: list[dict] = []
+        # the teacher's non-finite checks: its validation losses here, its training forwards in the loop
+        self.teacher_guard = TeacherGuard(self.names)
         log.info("sampler backend: %s", self.sampler.backend)
         log.info(
             "domains: %s",
@@ -110,6 +114,7 @@ class DomainSchedule:
         """Student (and, the first time, teacher) validation CE per domain; recorded in ``eval_history``."""
         if self.teacher_losses is None:  # the teacher is frozen: measured once (DDK §3 step 1)
             self.teacher_losses = self._losses(models.teacher_score(), self.val_sets, models.device)
+            self.teacher_guard.check_losses(step, self.teacher_losses)  # its own error, not the student's
         student = self._student_losses(self.val_sets, models)
         self.eval_history.append({"step": step, "student_loss": student})
         gaps = ", ".join(f"{n} {s:.3f}/{t:.3f}" for n, s, t in zip(self.names, student, self.teacher_losses))

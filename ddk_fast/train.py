@@ -54,23 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import BackendUnavailableError, ConfigError, NonFiniteError, RunError
     from .trainer import TrainingStopped
 
+    tag = f"[rank {rank}] " if rank else ""  # under torchrun each rank prints its own one line
     try:
         cfg = load_config(args.config, args.set)
         return run(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, BackendUnavailableError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"{tag}config error: {exc}", file=sys.stderr)
         return 2
     except RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{tag}error: {exc}", file=sys.stderr)
         return 2
     except (TrainingStopped, NonFiniteError) as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
+        print(f"{tag}training stopped: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:
         if exc.errno not in _DISK_ERRORS:
             raise
         what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
-        print(f"error: {what}: {exc}; the last checkpoint is kept, run again with --resume", file=sys.stderr)
+        kept = "the last checkpoint is kept, run again with --resume"
+        print(f"{tag}error: {what}: {exc}; {kept}", file=sys.stderr)
         return 2
 
 
@@ -80,20 +82,33 @@ _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
     """Train ``cfg`` in its run folder (pre-flight, lock, resume) and write the report. Raises the errors
     ``main`` turns into exit codes.
-    Under torchrun every rank runs this; rank 0 alone writes files."""
+
+    Under torchrun every rank runs this. Rank 0 alone runs the pre-flight and holds the run folder's lock
+    (until the run ends, however it ends) and writes files; the checkpoint it chose to resume from is
+    broadcast, so every rank loads the same one. A pre-flight error on rank 0 is raised on every rank.
+    """
+    from .distributed import init_parallel
     from .report import write_report
     from .runfolder import prepare_run_folder
     from .trainer import Trainer
 
     log = logging.getLogger("ddk_fast")
-    folder = prepare_run_folder(cfg, resume=resume, overwrite=overwrite)
-    trainer = Trainer(cfg)
-    try:  # the folder stays locked until the run ends, however it ends
-        trainer.setup()
-        if folder.resume_from is not None:
-            trainer.resume(folder.resume_from)
+    # config checks of the parallel setting first (every rank, before any process group), then the group
+    ctx = init_parallel(cfg.train.parallel, cfg.data.batch_size, cfg.train.device)
+    folder = None
+
+    def preflight():
+        nonlocal folder
+        folder = prepare_run_folder(cfg, resume=resume, overwrite=overwrite)
+        return folder.resume_from
+
+    try:
+        resume_from = ctx.main_only(preflight)
+        trainer = Trainer(cfg)
+        trainer.setup(ctx)
+        if resume_from is not None:
+            trainer.resume(resume_from)
         result = trainer.fit()
-        ctx = trainer.ctx
         if ctx.is_main:
             parallel = f"{ctx.mode} over {ctx.world_size} ranks" if ctx.distributed else "none (1 process)"
             report = write_report(
@@ -108,9 +123,9 @@ def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
             log.info("report: %s", report)
         return 0
     finally:
-        folder.release()
-        if hasattr(trainer, "ctx"):
-            trainer.close()
+        if folder is not None:
+            folder.release()
+        ctx.close()
 
 
 if __name__ == "__main__":

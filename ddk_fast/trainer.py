@@ -11,8 +11,10 @@
 One optimizer step (:meth:`Trainer.train_step`) over ``grad_accum`` global micro-batches: the loss of each
 micro-batch is its token sum divided by the token count of the whole global batch (all ranks, all
 micro-batches), so the gradient is that of the global mean whatever the world size. Loss and per-domain sums
-stay on the device; the host reads one flag per step (all ranks finite, :meth:`Trainer._all_ranks_finite`)
-and the metrics once per logging interval.
+stay on the device; the host reads one flag per step (loss and gradient norm finite on all ranks,
+:meth:`Trainer._all_ranks_finite`) and the metrics once per logging interval. A step whose flag is false is
+skipped on every rank; the teacher is checked then (:class:`~ddk_fast.nonfinite.TeacherGuard`), so a
+non-finite teacher gets its own error instead of being blamed on the student.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from .bundle import ModelBundle, build_models
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_toml
 from .distributed import ParallelContext, full_value, init_parallel, no_grad_sync
+from .errors import RunError
 from .metrics import MetricsWriter
 from .models import check_student_tokenizer, load_tokenizer
+from .nonfinite import step_is_finite
 from .optim import build_optimizer, progress_bar
 from .schedule import DomainSchedule
 
@@ -89,10 +93,13 @@ class Trainer:
         self.run_dir = Path(cfg.output.dir)
 
     # ------------------------------------------------------------------------------------------ set-up
-    def setup(self) -> None:
+    def setup(self, ctx: ParallelContext | None = None) -> None:
+        """Build every part. ``ctx``: a parallel context made by the caller (``train.run`` makes it first,
+        for its rank-0 pre-flight); by default one is made here."""
         cfg = self.cfg
-        self.ctx: ParallelContext = init_parallel(cfg.train.parallel, cfg.data.batch_size, cfg.train.device)
-        ctx = self.ctx
+        if ctx is None:
+            ctx = init_parallel(cfg.train.parallel, cfg.data.batch_size, cfg.train.device)
+        self.ctx: ParallelContext = ctx
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(cfg))
@@ -105,6 +112,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         check_student_tokenizer(cfg.model, self.tokenizer)
         self.schedule = DomainSchedule(cfg, ctx, self.tokenizer)
+        self.teacher_guard = self.schedule.teacher_guard
         self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir)
         if ctx.rank > 0:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.train.seed + ctx.rank)
@@ -119,7 +127,7 @@ class Trainer:
             min_lr_ratio=t.min_lr_ratio,
         )
         self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep_last, ctx, self.models, self.optimizer
+            self.run_dir, cfg.checkpoint.keep_last, ctx, self.models, self.optimizer, config=cfg.to_dict()
         )
         self.step = 0
         self.bad_in_a_row = 0
@@ -179,17 +187,25 @@ class Trainer:
     def save(self) -> Path:
         return self.checkpointer.save(self.step, self.state())
 
-    def resume(self) -> bool:
-        loaded = self.checkpointer.load_latest()
-        if loaded is None:
-            log.info("--resume: no checkpoint in %s, starting from step 0", self.run_dir / "checkpoints")
-            return False
-        path, state = loaded
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.schedule.load_state_dict(state)
-        self.bad_total = state["bad_total"]
-        self.step = state["step"]
-        ckpt.set_rng_state(state["rng"])
+    def resume(self, path: Path | None = None) -> bool:
+        """Load ``path`` (default: the newest checkpoint that verifies; every rank must pass the same one).
+        RunError when there is none, or when the checkpoint does not fit this model, data or settings
+        (nothing is trained then)."""
+        if path is None:
+            loaded = self.checkpointer.load_latest()
+            if loaded is None:
+                raise RunError(f"--resume: no valid checkpoint in {self.run_dir / 'checkpoints'}")
+            path, state = loaded
+        else:
+            state = self.checkpointer.load(Path(path))
+        try:  # a checkpoint of other data or settings is a clear error, not a traceback
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.schedule.load_state_dict(state)
+            self.bad_total = state["bad_total"]
+            self.step = state["step"]
+            ckpt.set_rng_state(state["rng"])
+        except (ValueError, KeyError) as exc:
+            raise RunError(f"checkpoint {path} cannot be resumed with this config: {exc}") from None
         if self.ctx.rank > 0:
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.step)
         if self.metrics is not None:
@@ -215,16 +231,17 @@ class Trainer:
         labels = torch.as_tensor(batch["labels"], device=dev)
         dom = torch.as_tensor(batch["domain_ids"], device=dev).reshape(-1)
         t_hidden = self.models.teacher_hidden(ids)
+        self.teacher_guard.observe(self.step, t_hidden, batch["domain_ids"], dom)
         return self.models.model(ids, labels, dom, t_hidden, self.models.teacher_weight())
 
-    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        """The non-finite policy's one check: True when the step's loss is finite on every rank.
+    def _all_ranks_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The non-finite policy's one check: True when the step's loss and gradient norm are finite on
+        every rank.
 
-        The flag is reduced on the device (MIN over ranks), so every rank takes the same decision; reading
-        it is the step's one host sync.
+        Both are folded into one flag on the device and reduced with MIN over ranks, so every rank takes the
+        same decision; reading it is the step's one host sync.
         """
-        flag = torch.isfinite(loss).to(torch.float32).reshape(1)
-        return bool(self.ctx.all_reduce_min(flag).item())
+        return step_is_finite(loss, grad_norm, self.ctx.all_reduce_min)
 
     def _global_tokens(self, counts: list[int]) -> torch.Tensor | float:
         """Counted (non-ignored) label tokens of the whole global batch: all micro-batches, all ranks."""
@@ -243,6 +260,7 @@ class Trainer:
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = torch.zeros(3, len(self.names), dtype=torch.float64, device=self.device)
         row_hashes = []
+        self.teacher_guard.start_step()
         for i, (batch, n) in enumerate(zip(micro, counts)):
             row_hashes.append([_row_hash(r) for r in np.asarray(batch["input_ids"])])
             # share of the global mean: this micro-batch's token sum over the global token count; x W
@@ -253,11 +271,14 @@ class Trainer:
                 (out.loss * scale).backward()
             loss += out.loss.detach().double() * (n / total)
             sums += torch.stack([out.domain_ce_sum, out.domain_kd_sum, out.domain_tokens]).detach().double()
-        if not self._all_ranks_finite(loss):
+        # clip first: a finite loss can still have a NaN/inf gradient, which must not reach the weights
+        max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.models.trainable(), max_norm))
+        if not self._all_ranks_finite(loss, grad_norm):
+            # a non-finite teacher gets its own error (every rank raises: the counts are all-reduced)
+            self.teacher_guard.check(self.step, all_reduce_sum=self.ctx.all_reduce_sum)
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.models.trainable(), max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -366,7 +387,11 @@ class Trainer:
         """A non-finite step (the same decision on every rank): count it, stop after too many in a row."""
         self.bad_in_a_row += 1
         self.bad_total += 1
-        log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_in_a_row)
+        log.warning(
+            "step %d: non-finite loss or gradient norm, step skipped (%d in a row)",
+            self.step,
+            self.bad_in_a_row,
+        )
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingStopped(
                 f"{self.bad_in_a_row} consecutive non-finite losses at step {self.step}; "

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ddk_fast.checkpoint import read_manifest, verify_checkpoint
+from ddk_fast.config import build_config, dump_toml
 from ddk_fast.data import DomainSampler, TokenShard
 from ddk_fast.distributed import check_batch_divides
 from ddk_fast.errors import ConfigError
@@ -66,15 +68,22 @@ def _cfg(assets: Path, run_dir: Path, mode="qlora", parallel="auto", steps=STEPS
 def _launch(tmp: Path, name: str, runs: list[dict], nproc: int) -> None:
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps({"runs": runs}))
+    rc, out, err = _spawn(name, ["-m", "tests.distributed_worker", str(spec)], nproc)
+    if rc != 0:
+        raise AssertionError(f"{name} failed ({rc}):\n{out[-3000:]}\n{err[-6000:]}")
+
+
+def _spawn(name: str, args: list[str], nproc: int, timeout: float = 240) -> tuple[int, str, str]:
+    """``python ARGS`` (nproc 1) or ``torchrun --nproc_per_node NPROC ARGS``: (exit code, stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc == 1:
-        cmd = [sys.executable, "-m", "tests.distributed_worker", str(spec)]
+        cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        cmd += ["--standalone", "-m", "tests.distributed_worker", str(spec)]  # standalone: a free port
+        cmd += ["--standalone", *args]  # standalone: a free port
     # a session of its own: on a timeout the whole tree (torchrun and its workers) is killed
     proc = subprocess.Popen(
         cmd,
@@ -86,13 +95,12 @@ def _launch(tmp: Path, name: str, runs: list[dict], nproc: int) -> None:
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"{name} timed out:\n{out[-3000:]}\n{err[-6000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+    return proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +155,12 @@ def runs(tmp_path_factory):
 
 
 def _cut(src: Path, dst: Path) -> None:
-    """A copy of a finished run whose latest checkpoint is step CUT: an interruption after step CUT."""
+    """A copy of a finished run without its checkpoints after step CUT: an interruption after step CUT
+    (resume takes the newest checkpoint that verifies, not what ``latest`` names)."""
     shutil.copytree(src, dst)
+    for path in (dst / "checkpoints").glob("step_*"):
+        if int(path.name.removeprefix("step_")) > CUT:
+            shutil.rmtree(path)
     (dst / "checkpoints" / "latest").write_text(f"step_{CUT:08d}\n")
 
 
@@ -203,6 +215,8 @@ def test_fsdp_full_student_matches_and_its_sharded_checkpoint_resumes_in_one_pro
     _same_steps(ref, fsdp, (1, 2, 3))
     ckpt = runs / "fsdp_full" / "checkpoints" / "step_00000002"
     assert (ckpt / "dcp").is_dir() and not (ckpt / "trainable.safetensors").exists()  # DCP, sharded
+    assert verify_checkpoint(ckpt) is None  # its manifest lists every rank's shard and .metadata
+    assert "dcp/.metadata" in read_manifest(ckpt)["files"]
     resumed = _rows(runs / "fsdp_to_one")
     _same_steps(ref, resumed, (3, 4))
     assert (runs / "fsdp_to_one" / "final" / "model.safetensors").exists()
@@ -264,7 +278,6 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_config_error(monkeypat
         ConfigError, match=r"\[data\] batch_size: expected a multiple of the world size 3.*got 8"
     ):
         check_batch_divides(8, 3)
-    from ddk_fast.config import build_config, dump_toml
     from ddk_fast.train import main
 
     make_tokenizer(tmp_path / "tok", [t for docs in domain_texts().values() for t in docs])
@@ -276,3 +289,35 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_config_error(monkeypat
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "[data] batch_size: expected a multiple of the world size 3" in err and "got 4" in err
+
+
+def test_train_cli_under_torchrun_preflight_on_rank_0_and_resume(runs):
+    """``torchrun -m ddk_fast.train``: rank 0 alone runs the pre-flight and locks the folder; its error
+    stops every rank with exit 2 (no rank waits for it); --resume loads the checkpoint rank 0 chose."""
+    assets = runs / "assets"
+    run_dir = runs / "cli"
+    _cut(runs / "one", run_dir)
+    config = runs / "cli.toml"
+    config.write_text(dump_toml(build_config(_cfg(assets, run_dir, steps=CUT + 2))))
+    args = ["-m", "ddk_fast.train", "--config", str(config)]
+    rc, out, err = _spawn("cli-fresh", args, 2, timeout=120)  # a fresh run into a folder with checkpoints
+    assert rc != 0 and "error: " in err and "[rank 1] error: " in err, err[-3000:]
+    assert err.count(" already holds 1 checkpoint(s)") == 2, err[-3000:]  # one line from each rank
+    rc, out, err = _spawn("cli-resume", [*args, "--resume"], 2)
+    assert rc == 0, err[-6000:]
+    rows = _rows(run_dir)
+    assert sorted(rows) == list(range(1, CUT + 3))  # rows 11.. of the cut run dropped, then written again
+    one = _rows(runs / "one")
+    assert rows[CUT + 1]["batch_fingerprint"] == one[CUT + 1]["batch_fingerprint"]  # resumed at step CUT
+    assert (run_dir / "report.md").exists() and (run_dir / "final" / "adapter_config.json").exists()
+
+
+def test_an_error_on_rank_0_is_rebuilt_with_its_type_and_message_for_the_other_ranks():
+    from ddk_fast.distributed import ParallelContext, _rebuild
+    from ddk_fast.errors import CheckpointWriteError, RunError
+
+    e = _rebuild(ConfigError, "[data] batch_size: expected a multiple of 3, got 4")
+    assert isinstance(e, ConfigError) and str(e) == "[data] batch_size: expected a multiple of 3, got 4"
+    e = _rebuild(CheckpointWriteError, "disk full while writing checkpoint step_00000002")
+    assert isinstance(e, RunError) and isinstance(e, OSError) and str(e).startswith("disk full")
+    assert ParallelContext().main_only(lambda: 5) == 5  # one process: just the call
