@@ -197,6 +197,7 @@ def static_weights(raw: dict) -> dict:
         val_sequences=d.val_sequences,
         test_sequences=d.test_sequences or d.val_sequences,
         seed=d.split_seed,
+        max_bad_records=d.max_bad_records,
     )
     data = json.loads(json.dumps(raw["data"]))
     for dom, p in zip(data["domains"], prepared):
