@@ -67,7 +67,7 @@ def test_finished_runs_are_reused(quick, capsys):
     (done,) = (root / "out" / "runs").glob("uniform-s0-*/run_result.json")
     mtime = done.stat().st_mtime
     # a sweep over a DDK-only key reuses the uniform run and trains a second ddk run beside the first
-    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.factor_temperature=0.5"]) == 0
+    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.factor_temperature=2.0"]) == 0
     again = json.loads((root / "out" / "results.json").read_text())
     by = {r["arm"]: r for r in again["runs"]}
     first = {r["arm"]: r for r in res["runs"]}
