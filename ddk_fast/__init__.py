@@ -9,7 +9,16 @@ from __future__ import annotations
 import importlib
 
 from .ddk import domain_discrepancy, smooth_domain_weights
-from .losses import FusedLinearKDLoss, KDLoss, KDOutput, KDParams, fused_linear_kd_loss, kd_loss
+from .losses import (
+    FusedLinearKDLoss,
+    FusedLinearKDTopkLoss,
+    KDLoss,
+    KDOutput,
+    KDParams,
+    fused_linear_kd_loss,
+    fused_linear_kd_loss_topk,
+    kd_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +40,8 @@ __all__ = [
     "KDLoss",
     "KDOutput",
     "KDParams",
+    "fused_linear_kd_loss_topk",
+    "FusedLinearKDTopkLoss",
     *_LAZY,
 ]
 

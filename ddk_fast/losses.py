@@ -28,6 +28,7 @@ from .ops.params import (
 from .ops.reference import _check_chunk, fused_linear_kd_loss_reference, kd_loss_reference
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "kd_loss", "KDLoss", "KDOutput", "KDParams"]
+__all__ += ["fused_linear_kd_loss_topk", "FusedLinearKDTopkLoss"]
 
 REDUCTIONS = ("mean", "sum")
 VALIDATE = (True, False, "sync")
@@ -364,5 +365,108 @@ class KDLoss(_KDLossBase):
             labels,
             domain_ids,
             num_items_in_batch=num_items_in_batch,
+            **self.kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sparse teacher: the teacher's cached top-k distribution instead of its hidden states (offline teacher)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fused_linear_kd_loss_topk(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    domain_ids: torch.Tensor | None = None,
+    num_domains: int = 0,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    *,
+    chunk_size: int | None = None,
+) -> KDOutput:
+    """Student ``lm_head`` + CE + divergence against a *sparse* teacher: its top-k distribution plus one tail
+    bucket (what ``python -m ddk_fast.teacher_cache`` stores), without [N, V] logits.
+
+    Args:
+        student_hidden: ``[N, H]``; student_weight: ``[V, H]`` (gets a gradient if it requires grad).
+        topk_ids: ``[N, k]`` int32/int64 teacher token ids in ``[0, V)``, distinct per row (not checked).
+        topk_logprobs: ``[N, k]`` the teacher's log-probabilities of those ids at T = 1 (any float dtype).
+        tail_logmass: ``[N]`` log of the teacher's probability of every other token (``-inf`` when k = V).
+        divergence: ``forward_kl`` | ``total_variation`` on the teacher's support plus one tail bucket (the
+            student's mass outside the support); others raise ValueError. Equal to
+            :func:`fused_linear_kd_loss` when k = V; for k < V a lower bound of it (coarsened distributions).
+        temperature: T > 0. The support is tempered and re-normalised at T; the tail keeps its T = 1 mass
+            (exact for k = V; for k < V an approximation, see ``ddk_fast/ops/topk_reference.py``).
+        Other arguments as :func:`fused_linear_kd_loss`.
+
+    Returns:
+        :class:`KDOutput`, the same fields as :func:`fused_linear_kd_loss`.
+    """
+    from .ops.topk import fused_linear_kd_loss_topk_triton  # no triton import here
+    from .ops.topk_reference import check_topk_inputs, fused_linear_kd_loss_topk_reference, make_topk_params
+
+    p = make_topk_params(
+        divergence, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+        scale_by_t2=scale_by_t2, ignore_index=ignore_index, num_domains=num_domains,
+    )  # fmt: skip
+    _check_chunk(chunk_size)
+    student_weight = _full(student_weight)
+    check_topk_inputs(student_hidden, student_weight, topk_ids, topk_logprobs, tail_logmass)
+    check_tokens(student_hidden.shape[0], labels, domain_ids, p.num_domains, student_hidden.device)
+    args = (student_hidden, student_weight, topk_ids, topk_logprobs, tail_logmass, labels, domain_ids)
+    if _backend_name(backend, student_hidden.is_cuda) == "triton":
+        return fused_linear_kd_loss_topk_triton(*args, p)
+    return fused_linear_kd_loss_topk_reference(*args, chunk_size=chunk_size, params=p)
+
+
+class FusedLinearKDTopkLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd_loss_topk` (stores the hyper-parameters, nothing else).
+
+    ``forward(student_hidden [N, H], student_weight [V, H], topk_ids [N, k], topk_logprobs [N, k],
+    tail_logmass [N], labels=None, domain_ids=None) -> KDOutput``."""
+
+    def __init__(self, divergence: str = "forward_kl", temperature: float = 1.0, kd_weight: float = 1.0,
+                 ce_weight: float = 1.0, scale_by_t2: bool = True, ignore_index: int = -100,
+                 num_domains: int = 0, backend: str = "auto", chunk_size: int | None = None):  # fmt: skip
+        super().__init__()
+        from .ops.topk_reference import make_topk_params
+
+        make_topk_params(
+            divergence,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            scale_by_t2=scale_by_t2,
+            ignore_index=ignore_index,
+            num_domains=num_domains,
+        )  # fmt: skip  (fail at construction, not at the first step)
+        self.kwargs = dict(
+            divergence=divergence, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+            scale_by_t2=scale_by_t2, ignore_index=ignore_index, num_domains=num_domains, backend=backend,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+    def forward(self, student_hidden, student_weight, topk_ids, topk_logprobs, tail_logmass, labels=None,
+                domain_ids=None):  # fmt: skip
+        return fused_linear_kd_loss_topk(
+            student_hidden,
+            student_weight,
+            topk_ids,
+            topk_logprobs,
+            tail_logmass,
+            labels,
+            domain_ids,
             **self.kwargs,
         )
