@@ -1,8 +1,10 @@
 """The model bundle: tokenizer, frozen teacher, student, the objective module and its parallel wrapping.
 
-Built once by :func:`build_models`; the loop only calls :meth:`ModelBundle.teacher_hidden` and the wrapped
-objective. Writing files that several ranks read (the student's initial weights in the run directory) happens
-on rank 0 first (:meth:`~ddk_fast.distributed.ParallelContext.main_first`).
+Built once by :func:`build_models`; the loop only calls :meth:`ModelBundle.teacher_inputs` and the wrapped
+objective. Training from a teacher cache (``[model] teacher_cache``) there is no teacher: its inputs are the
+cached top-k rows the sampler attached to the batch. Writing files that several ranks read (the student's
+initial weights in the run directory) happens on rank 0 first
+(:meth:`~ddk_fast.distributed.ParallelContext.main_first`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from .models import (
     trainable_parameters,
 )
 from .objective import DistillObjective
+from .teacher_cache import TeacherCache
+from .teacher_cache.training import cached_vocab_size, teacher_for_student_init
 
 log = logging.getLogger("ddk_fast")
 
 
 @dataclass
 class ModelBundle:
-    teacher: nn.Module
+    teacher: nn.Module | None  # None when training from a teacher cache
     student: nn.Module  # the bare student (peft or transformers model): checkpoints and export use it
     objective: DistillObjective  # student + loss (sharded in place under FSDP)
     model: nn.Module  # what the loop calls: the objective, or DDP around it
@@ -42,6 +46,7 @@ class ModelBundle:
     dtype: torch.dtype
     device: torch.device
     loss_backend: BackendChoice
+    teacher_cache: TeacherCache | None = None
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.objective.parameters() if p.requires_grad]
@@ -53,6 +58,19 @@ class ModelBundle:
     def teacher_weight(self) -> torch.Tensor:
         return head_weight(self.teacher)
 
+    def teacher_inputs(self, input_ids: torch.Tensor, batch: dict) -> dict:
+        """The objective's teacher arguments for one micro-batch: the teacher's final hidden states and head
+        weight, or the cached top-k rows of the batch's sequences (read by the sampler's hook)."""
+        if self.teacher_cache is None:
+            return {"teacher_hidden": self.teacher_hidden(input_ids), "teacher_weight": self.teacher_weight()}
+        dev = self.device
+        rows = (
+            torch.as_tensor(batch["topk_ids"], device=dev),
+            self.teacher_cache.logprobs_tensor(batch["topk_logprobs"]).to(dev),
+            torch.as_tensor(batch["tail_logmass"], device=dev),
+        )
+        return {"teacher_topk": rows}
+
     def teacher_score(self) -> ScoreFn:
         return model_score_fn(self.teacher, self.vocab_size)
 
@@ -62,15 +80,26 @@ class ModelBundle:
         return lambda ids, labels: self.objective(ids, labels)
 
 
-def build_models(cfg: RunConfig, ctx: ParallelContext, tokenizer, run_dir: Path) -> ModelBundle:
+def build_models(
+    cfg: RunConfig, ctx: ParallelContext, tokenizer, run_dir: Path, teacher_cache: TeacherCache | None = None
+) -> ModelBundle:
+    """``teacher_cache``: train from it (:func:`ddk_fast.teacher_cache.training.open_for_schedule`); the
+    teacher is then not kept (loaded at most once, to take the student's layers from it)."""
     device = ctx.device
     dtype = resolve_dtype(cfg.model, device)
     seed = cfg.train.seed
-    teacher = load_teacher(cfg.model, device, dtype, seed)
+    if teacher_cache is None:
+        teacher = load_teacher(cfg.model, device, dtype, seed)
+    else:
+        teacher = teacher_for_student_init(cfg, run_dir, device, dtype)
     student = ctx.main_first(
         lambda: load_student(cfg.model, teacher, device, dtype, run_dir, seed, shard=ctx.mode == "fsdp")
     )
-    vocab_size = check_vocab(teacher, student, tokenizer)
+    if teacher_cache is None:
+        vocab_size = check_vocab(teacher, student, tokenizer)
+    else:
+        teacher = None
+        vocab_size = cached_vocab_size(student, tokenizer, teacher_cache)
     loss_backend = resolve_loss_backend(cfg.loss.backend, device.type == "cuda")
     n_train, n_total = trainable_parameters(student)
     log.info(
@@ -86,7 +115,9 @@ def build_models(cfg: RunConfig, ctx: ParallelContext, tokenizer, run_dir: Path)
     objective = DistillObjective(
         student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast
     )
-    if cfg.model.shard_teacher:
+    if cfg.model.shard_teacher and teacher is not None:
         teacher = shard_teacher(teacher, ctx)
     model = wrap_objective(objective, ctx)
-    return ModelBundle(teacher, student, objective, model, vocab_size, dtype, device, loss_backend)
+    return ModelBundle(
+        teacher, student, objective, model, vocab_size, dtype, device, loss_backend, teacher_cache
+    )

@@ -101,6 +101,11 @@ class ModelConfig:
     shard_teacher: bool = _opt(
         False, "under torchrun: shard the frozen teacher's decoder with FSDP2 (default: a replica per rank)"
     )
+    teacher_cache: str = _opt(
+        "",
+        "folder written by `python -m ddk_fast.teacher_cache`: train from the teacher's cached top-k "
+        "(sparse-teacher loss) and never run the teacher; empty = run the teacher online",
+    )
 
 
 @dataclass
@@ -384,8 +389,16 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
         raise ConfigError("loss.kd_weight", 0.0, "kd_weight or ce_weight > 0 (with both 0 the loss is 0)")
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
+    if m.teacher_cache and cfg.loss.divergence not in ("forward_kl", "total_variation"):
+        raise ConfigError(
+            "loss.divergence",
+            cfg.loss.divergence,
+            "forward_kl or total_variation with [model] teacher_cache (the sparse-teacher loss)",
+        )
     if not check_paths:
         return
+    if m.teacher_cache:
+        _exists(m.teacher_cache, "model.teacher_cache", want_dir=True)
     if m.teacher:
         _exists(m.teacher, "model.teacher", want_dir=True)
     if m.student:

@@ -175,17 +175,26 @@ def student_init_key(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _init_key(path: Path) -> str | None:
+    """The key recorded in a student init folder (None when there is none or it is unreadable)."""
+    try:
+        return json.loads((path / INIT_KEY_FILE).read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def student_init_current(cfg: ModelConfig, run_dir: Path, dtype: torch.dtype, seed: int) -> bool:
+    """``<run>/student_init`` was built for this config and teacher: :func:`load_student` reuses it (and
+    so does not need the teacher)."""
+    return _init_key(Path(run_dir) / STUDENT_INIT) == student_init_key(cfg, dtype, seed)
+
+
 def _cached_init(path: Path, key: str, build) -> None:
     """Reuse ``path`` only when its recorded key is ``key``; otherwise (re)build it, then record the key.
     Built under a temporary name and renamed, so an interrupted build is never reused."""
-    marker = path / INIT_KEY_FILE
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("key") == key:
-                log.info("student init: reusing %s (key %s)", path, key)
-                return
-        except (OSError, ValueError):
-            pass
+    if _init_key(path) == key:
+        log.info("student init: reusing %s (key %s)", path, key)
+        return
     if path.exists():
         log.warning(
             "student init: %s was built from another teacher or [model] config (key %s expected); "

@@ -5,6 +5,10 @@ FSDP2 need: DDP prepares its gradient reduction in ``forward``, and FSDP2 all-ga
 (embeddings, final norm, lm_head) only for the duration of the root's ``forward``. The teacher's hidden
 states and head weight come in as arguments (it is frozen and runs under ``no_grad``).
 
+Training from a teacher cache (``[model] teacher_cache``), the teacher comes in as its cached top-k rows
+(``teacher_topk``: ids, log-probabilities, tail log-mass) and the loss is the sparse-teacher
+:func:`~ddk_fast.losses.fused_linear_kd_loss_topk`.
+
 ``forward(input_ids, labels)`` without teacher inputs scores the validation set instead: it returns the
 float64 sum of token CE and the token count (used by :mod:`ddk_fast.evaluation`), through the same module
 so a sharded student is gathered the same way.
@@ -17,7 +21,7 @@ from torch import nn
 
 from .config import LossConfig
 from .evaluation import hidden_ce_sum
-from .losses import fused_linear_kd_loss
+from .losses import fused_linear_kd_loss, fused_linear_kd_loss_topk
 from .models import final_hidden, head_weight
 
 
@@ -46,11 +50,14 @@ class DistillObjective(nn.Module):
         domain_ids: torch.Tensor | None = None,
         teacher_hidden: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
-        if teacher_hidden is None:  # validation scoring (no autocast, as for the teacher)
+        if teacher_hidden is None and teacher_topk is None:  # validation scoring (no autocast, as teacher)
             hidden = final_hidden(self.student, input_ids)
             return hidden_ce_sum(hidden, head_weight(self.student), labels, self.vocab_size)
         s_hidden = self._hidden(input_ids)
+        if teacher_topk is not None:  # training from a teacher cache
+            return self._sparse_teacher_loss(s_hidden, labels, domain_ids, *teacher_topk)
         L = self.loss_cfg
         return fused_linear_kd_loss(
             s_hidden.reshape(-1, s_hidden.shape[-1]),
@@ -63,6 +70,27 @@ class DistillObjective(nn.Module):
             divergence=L.divergence,
             beta=L.beta,
             skew_lambda=L.skew_lambda,
+            temperature=L.temperature,
+            kd_weight=L.kd_weight,
+            ce_weight=L.ce_weight,
+            scale_by_t2=L.scale_by_t2,
+            backend=self.backend,
+        )
+
+    def _sparse_teacher_loss(self, s_hidden, labels, domain_ids, topk_ids, topk_logprobs, tail_logmass):
+        """The loss against cached teacher rows: top-k ids and log-probs ``[B, L, k]``, tail ``[B, L]``."""
+        k = topk_ids.shape[-1]
+        L = self.loss_cfg
+        return fused_linear_kd_loss_topk(
+            s_hidden.reshape(-1, s_hidden.shape[-1]),
+            head_weight(self.student),
+            topk_ids.reshape(-1, k),
+            topk_logprobs.reshape(-1, k),
+            tail_logmass.reshape(-1),
+            labels=labels.reshape(-1),
+            domain_ids=domain_ids,
+            num_domains=self.num_domains,
+            divergence=L.divergence,
             temperature=L.temperature,
             kd_weight=L.kd_weight,
             ce_weight=L.ce_weight,

@@ -102,6 +102,13 @@ class DomainSchedule:
             lockstep=self.ctx.mode == "fsdp",
         )
 
+    def _teacher_losses(self, split: str, sets: list[dict], models) -> list[float]:
+        """The teacher's CE per domain (from a teacher cache: the one its writer measured on the split)."""
+        cache = models.teacher_cache
+        if cache is not None:
+            return cache.teacher_val_ce(self.names) if split == "val" else cache.teacher_test_ce(self.names)
+        return self._losses(models.teacher_score(), sets, models.device)
+
     def _student_losses(self, sets: list[dict], models) -> list[float]:
         was_training = models.model.training
         models.model.eval()
@@ -113,7 +120,7 @@ class DomainSchedule:
     def evaluate(self, step: int, models) -> list[float]:
         """Student (and, the first time, teacher) validation CE per domain; recorded in ``eval_history``."""
         if self.teacher_losses is None:  # the teacher is frozen: measured once (DDK §3 step 1)
-            self.teacher_losses = self._losses(models.teacher_score(), self.val_sets, models.device)
+            self.teacher_losses = self._teacher_losses("val", self.val_sets, models)
             self.teacher_guard.check_losses(step, self.teacher_losses)  # its own error, not the student's
         student = self._student_losses(self.val_sets, models)
         self.eval_history.append({"step": step, "student_loss": student})
@@ -152,7 +159,7 @@ class DomainSchedule:
 
     def evaluate_test(self, step: int, models) -> tuple[list[float], list[float]]:
         """Student and teacher mean CE per domain on the test split (reported only; never steers)."""
-        teacher = self._losses(models.teacher_score(), self.test_sets, models.device)
+        teacher = self._teacher_losses("test", self.test_sets, models)
         student = self._student_losses(self.test_sets, models)
         gaps = ", ".join(f"{n} {s:.3f}/{t:.3f}" for n, s, t in zip(self.names, student, teacher))
         log.info("step %d test CE student/teacher: %s", step, gaps)

@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import load_config
     from .errors import BackendUnavailableError, ConfigError, NonFiniteError, RunError
+    from .teacher_cache import TeacherCacheError
     from .trainer import TrainingStopped
 
     tag = f"[rank {rank}] " if rank else ""  # under torchrun each rank prints its own one line
     try:
         cfg = load_config(args.config, args.set)
         return run(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, BackendUnavailableError) as exc:
+    except (ConfigError, BackendUnavailableError, TeacherCacheError) as exc:
         print(f"{tag}config error: {exc}", file=sys.stderr)
         return 2
     except RunError as exc:

@@ -39,6 +39,7 @@ from .models import check_student_tokenizer, load_tokenizer
 from .nonfinite import step_is_finite
 from .optim import build_optimizer, progress_bar
 from .schedule import DomainSchedule
+from .teacher_cache.training import open_for_schedule
 
 log = logging.getLogger("ddk_fast")
 
@@ -113,7 +114,9 @@ class Trainer:
         check_student_tokenizer(cfg.model, self.tokenizer)
         self.schedule = DomainSchedule(cfg, ctx, self.tokenizer)
         self.teacher_guard = self.schedule.teacher_guard
-        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir)
+        # [model] teacher_cache: the sampler's batches carry the cached teacher rows; the teacher is never run
+        cache = open_for_schedule(cfg, self.tokenizer, self.schedule) if cfg.model.teacher_cache else None
+        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, cache)
         if ctx.rank > 0:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.train.seed + ctx.rank)
 
@@ -230,9 +233,10 @@ class Trainer:
         ids = torch.as_tensor(batch["input_ids"], device=dev)
         labels = torch.as_tensor(batch["labels"], device=dev)
         dom = torch.as_tensor(batch["domain_ids"], device=dev).reshape(-1)
-        t_hidden = self.models.teacher_hidden(ids)
-        self.teacher_guard.observe(self.step, t_hidden, batch["domain_ids"], dom)
-        return self.models.model(ids, labels, dom, t_hidden, self.models.teacher_weight())
+        teacher = self.models.teacher_inputs(ids, batch)
+        if "teacher_hidden" in teacher:  # the online teacher's forward (a cached one has none to check)
+            self.teacher_guard.observe(self.step, teacher["teacher_hidden"], batch["domain_ids"], dom)
+        return self.models.model(ids, labels, dom, **teacher)
 
     def _all_ranks_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """The non-finite policy's one check: True when the step's loss and gradient norm are finite on

@@ -111,6 +111,8 @@ def runs(tmp_path_factory):
     write_domains(assets / "data")
     r = lambda name: str(tmp / name)  # noqa: E731
     c = lambda name, **kw: _cfg(assets, tmp / name, **kw)  # noqa: E731
+    cache = _teacher_cache(c("cache_writer"), tmp / "teacher_cache")
+    cached = lambda name: _with_cache(c(name, steps=4, every=2), cache)  # noqa: E731
     _launch(
         tmp,
         "single",
@@ -118,6 +120,7 @@ def runs(tmp_path_factory):
             {"cfg": c("one"), "out": r("one")},
             {"cfg": c("full_one", mode="full", steps=4, every=2), "out": r("full_one")},
             {"cfg": c("lora_one", mode="lora", steps=4, every=2), "out": r("lora_one")},
+            {"cfg": cached("cached_one"), "out": r("cached_one")},
         ],
         1,
     )
@@ -137,6 +140,7 @@ def runs(tmp_path_factory):
             },  # fmt: skip
             {"cfg": c("fsdp_lora", mode="lora", parallel="fsdp", steps=4, every=2), "out": r("fsdp_lora")},
             {"cfg": qlora_sharded, "out": r("fsdp_qlora")},
+            {"cfg": cached("cached_two"), "out": r("cached_two")},
         ],
         2,
     )
@@ -152,6 +156,19 @@ def runs(tmp_path_factory):
         1,
     )
     return tmp
+
+
+def _teacher_cache(raw: dict, out: Path) -> str:
+    """The teacher's top-8 cache of the runs' data, written by this process."""
+    from ddk_fast.config import build_config
+    from ddk_fast.teacher_cache.writer import build_cache
+
+    build_cache(build_config(raw), out, 8)
+    return str(out)
+
+
+def _with_cache(raw: dict, cache: str) -> dict:
+    return {**raw, "model": {**raw["model"], "teacher_cache": cache}}
 
 
 def _cut(src: Path, dst: Path) -> None:
@@ -195,6 +212,15 @@ def test_two_ranks_match_one_rank(runs):
         np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6)
     assert _result(runs / "two")["tokens_per_domain"] == _result(runs / "one")["tokens_per_domain"]
     assert (runs / "two" / "final" / "adapter_config.json").exists()
+
+
+def test_two_ranks_train_from_a_teacher_cache_as_one_rank(runs):
+    # each rank's sampler hook replays the global walk to find its rows' (domain, sequence index)
+    one, two = _rows(runs / "cached_one"), _rows(runs / "cached_two")
+    _same_steps(one, two, (1, 2, 3, 4))
+    assert all(row["kd"] > 0 for row in two.values())
+    h1, h2 = (_result(runs / name)["weight_history"] for name in ("cached_one", "cached_two"))
+    assert h2[0]["weights"] == h1[0]["weights"]  # r_0 from the cache's teacher CE
 
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(runs):

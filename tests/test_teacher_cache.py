@@ -188,3 +188,63 @@ def test_sequence_indices_follow_the_sampler_across_ranks(assets, built):
             b = s.next_batch()
             assert (b["domain_ids"][:, 0] == d_idx).all()
         assert np.all(k_idx >= 0)
+
+
+def _cached_cfg(assets, built, run_dir, **over):
+    raw = raw_cfg(assets, run_dir, teacher_cache=str(built[1]))
+    del raw["model"]["student_from_teacher_layers"]
+    raw["model"]["student_config"] = llama_config(VOCAB + 16, layers=2)
+    raw["checkpoint"] = {"every": 3, "keep_last": 2}
+    raw["data"]["prefetch"] = 2
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return build_config(raw)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_from_cache_never_runs_the_teacher_and_resumes_exactly(assets, built, tmp_path, monkeypatch):
+    import ddk_fast.models
+    from ddk_fast.trainer import Trainer
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(ddk_fast.models, "load_teacher", no_teacher)
+    monkeypatch.setattr("ddk_fast.bundle.load_teacher", no_teacher)
+    t = Trainer(_cached_cfg(assets, built, tmp_path / "full"))
+    t.setup()
+    result = t.fit()
+    assert t.teacher is None and result.step == 6
+    assert result.teacher_losses == TeacherCache(built[1]).teacher_val_ce(t.names)
+    reference = _rows(tmp_path / "full")
+    assert all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in reference)
+    ref_params = {n: p.detach().clone() for n, p in t.student.named_parameters()}
+
+    t1 = Trainer(_cached_cfg(assets, built, tmp_path / "cut"))
+    t1.setup()
+    t1.fit(stop_at=4)
+    t2 = Trainer(_cached_cfg(assets, built, tmp_path / "cut"))
+    t2.setup()
+    assert t2.resume() and t2.step == 3
+    t2.fit()
+    resumed = _rows(tmp_path / "cut")
+    for a, b in zip(reference[3:], resumed[3:]):
+        assert a["batch_fingerprint"] == b["batch_fingerprint"] and a["weights"] == b["weights"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    for n, p in t2.student.named_parameters():
+        assert torch.allclose(p, ref_params[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_training_refuses_a_cache_of_another_seq_len(assets, built, tmp_path, capsys):
+    from ddk_fast.config import dump_toml
+    from ddk_fast.train import main
+
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(_cached_cfg(assets, built, tmp_path / "run")))
+    assert main(["--config", str(cfg_path), "--set", "data.seq_len=16"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and "seq_len: cache 32, run 16" in err

@@ -153,6 +153,9 @@ class DomainSampler:
         self._batches = 0
         self._prefetcher: _Prefetcher | None = None
         self._consumed: tuple | None = None  # core state after the last consumed batch, while prefetching
+        # optional ``hook(batch, core state before it, weights) -> dict`` merged into each batch, run where
+        # the batch is assembled (the prefetch thread): ddk_fast.teacher_cache.training.CacheRows
+        self.batch_hook = None
         self.set_weights(weights)
 
     # -- mixture ---------------------------------------------------------------------------------
@@ -204,7 +207,10 @@ class DomainSampler:
     def _produce(self) -> dict[str, np.ndarray]:
         """Assemble one batch with the core (also runs in the prefetch thread)."""
         b = self._alloc()
+        before = self._core.get_state() if self.batch_hook is not None else None
         self._core.next_batch(b["input_ids"], b["labels"], b["domain_ids"])
+        if self.batch_hook is not None:  # e.g. the teacher cache's rows of these sequences
+            b.update(self.batch_hook(b, before, self._weights))
         return b
 
     def next_batch(self) -> dict[str, np.ndarray]:

@@ -197,7 +197,12 @@ class TeacherCache:
 
     # -- access ----------------------------------------------------------------------------------
     def teacher_val_ce(self, names: list[str]) -> list[float]:
+        """The teacher's mean CE per domain on the validation split (measured when the cache was written)."""
         return [float(self.domains[n]["teacher_val_ce"]) for n in names]
+
+    def teacher_test_ce(self, names: list[str]) -> list[float]:
+        """The teacher's mean CE per domain on the test split (measured when the cache was written)."""
+        return [float(self.domains[n]["teacher_test_ce"]) for n in names]
 
     def _shard(self, name: str, j: int):
         key = (name, j)

@@ -111,8 +111,11 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
     vocab = len(tokenizer)
     if top_k > vocab:
         raise ConfigError("--top-k", top_k, f"at most the vocabulary size {vocab}")
-    prepared = prepare_domains(d.domains, tokenizer, d.cache_dir, seq_len=d.seq_len,
-                               val_sequences=d.val_sequences, seed=cfg.train.seed)  # fmt: skip
+    n_test = d.test_sequences or d.val_sequences
+    prepared = prepare_domains(
+        d.domains, tokenizer, d.cache_dir, seq_len=d.seq_len, val_sequences=d.val_sequences,
+        test_sequences=n_test, seed=d.split_seed, max_bad_records=d.max_bad_records,
+    )  # fmt: skip
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(m, device)
     teacher = load_teacher(m, device, dtype, cfg.train.seed)
@@ -149,16 +152,19 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
         n = domain_sequences(dom.train.num_tokens + dom.train.num_docs, d.seq_len, epochs)
         jobs.append((i, dom, n))
         total += n * d.seq_len
-    val = {i: validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i) for i, dom, _ in jobs}
-    ce = domain_losses(teacher, [val[i] for i, _, _ in jobs], device,
-                       teacher.get_output_embeddings().weight.shape[0], cfg.ddk.eval_batch_size)  # fmt: skip
+    # the teacher's per-domain CE on the validation split (DDK's denominator) and on the test split (report)
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    val = [validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i) for i, dom, _ in jobs]
+    test = [validation_batches(dom.test, d.seq_len, n_test, sep, i) for i, dom, _ in jobs]
+    ce = domain_losses(teacher, val, device, v_t, cfg.ddk.eval_batch_size)
+    test_ce = domain_losses(teacher, test, device, v_t, cfg.ddk.eval_batch_size)
     domains_out = dict(old.get("domains", {}))
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="teacher cache", disable=not cfg.output.progress
     )
     t0, computed = time.perf_counter(), 0
     try:
-        for (i, dom, n), dom_ce in zip(jobs, ce):
+        for (i, dom, n), dom_ce, dom_test_ce in zip(jobs, ce, test_ce):
             data_key = dom.train.meta.get("cache_key", "")
             key_src = {**head, "data_key": data_key, "domain": i, "shard_sequences": shard_n}
             build_key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
@@ -197,6 +203,7 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
                 "sequences": n,
                 "epochs": epochs,
                 "teacher_val_ce": dom_ce,
+                "teacher_test_ce": dom_test_ce,
                 "shards": shards,
             }
     finally:
