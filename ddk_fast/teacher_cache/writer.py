@@ -176,9 +176,8 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
                 rec_path = out / f"{prefix}.json"
                 if rec_path.is_file():
                     rec = json.loads(rec_path.read_text())
-                    if rec.get("build_key") == build_key and all(
-                        (out / f"{prefix}.{f}").is_file() for f in FILES
-                    ):
+                    same = rec.get("build_key") == build_key and rec["shard"]["count"] == count
+                    if same and all((out / f"{prefix}.{f}").is_file() for f in FILES):
                         shards.append(rec["shard"])
                         bar.update(count * d.seq_len)
                         continue
