@@ -248,3 +248,30 @@ def test_training_refuses_a_cache_of_another_seq_len(assets, built, tmp_path, ca
     assert main(["--config", str(cfg_path), "--set", "data.seq_len=16"]) == 2
     err = capsys.readouterr().err
     assert "does not fit this run" in err and "seq_len: cache 32, run 16" in err
+
+
+def test_domains_subset_then_the_rest_merge_into_one_manifest(assets, tmp_path):
+    cfg_path = write_toml(tmp_path / "run.toml", raw_cfg(assets, tmp_path / "run"))
+    out = tmp_path / "cache"
+    args = ["--config", str(cfg_path), "--top-k", "4", "--out", str(out)]
+    assert cache_main([*args, "--domains", "words"]) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    assert list(first["domains"]) == ["words"]
+    assert cache_main([*args, "--domains", "nope"]) == 2
+    assert cache_main(args) == 0
+    m = TeacherCache(out).manifest
+    assert set(m["domains"]) == {"arith", "words", "code"}
+    assert m["domains"]["words"] == first["domains"]["words"]
+
+
+def test_training_refuses_a_cache_built_with_another_tokenizer(assets, built, tmp_path, capsys):
+    from ddk_fast.config import dump_toml
+    from ddk_fast.train import main
+
+    texts = [t for docs in domain_texts(seed=1).values() for t in docs]
+    make_tokenizer(tmp_path / "tok2", texts, vocab_size=300)
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(_cached_cfg(assets, built, tmp_path / "run")))
+    assert main(["--config", str(cfg_path), "--set", f"model.tokenizer={tmp_path / 'tok2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run" in err and "tokenizer_sha256: cache" in err
