@@ -105,16 +105,18 @@ def quick_overrides(raw: dict, steps: int) -> dict:
 
 
 def _git_commit() -> str:
-    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
+    """Short commit of the working tree, with ``-dirty`` when code or configs have uncommitted changes
+    (result files under bench/results, which a comparison itself rewrites, do not count)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.SubprocessError):
         return ""
+    return head + ("-dirty" if head and dirty else "")
 
 
 def _hash(obj) -> str:
