@@ -216,10 +216,11 @@ class Trainer:
             self.schedule.load_state_dict(state)
             self.bad_total = state["bad_total"]
             hidden = self.models.objective.hidden
-            if hidden is not None and self.ctx.mode != "fsdp":
-                if "hidden_projections" not in state:
-                    raise KeyError("no [hidden] projections in the checkpoint (written with [hidden] off)")
+            projections = hidden is not None and any(True for _ in hidden.parameters())
+            if projections and "hidden_projections" in state:
                 hidden.load_state_dict(state["hidden_projections"])
+            elif projections and not ckpt.is_sharded_checkpoint(Path(path)):  # sharded: in the DCP state
+                raise KeyError("no [hidden] projections in the checkpoint (written with [hidden] off)")
             self.step = state["step"]
             ckpt.set_rng_state(state["rng"])
         except (ValueError, KeyError) as exc:
