@@ -20,6 +20,7 @@ from .backend import BackendChoice, resolve_loss_backend
 from .config import RunConfig
 from .distributed import ParallelContext, shard_teacher, wrap_objective
 from .evaluation import ScoreFn, model_score_fn
+from .hidden import build_hidden_loss, capture_layers
 from .models import (
     check_vocab,
     final_hidden,
@@ -62,7 +63,20 @@ class ModelBundle:
         """The objective's teacher arguments for one micro-batch: the teacher's final hidden states and head
         weight, or the cached top-k rows of the batch's sequences (read by the sampler's hook)."""
         if self.teacher_cache is None:
-            return {"teacher_hidden": self.teacher_hidden(input_ids), "teacher_weight": self.teacher_weight()}
+            hidden = self.objective.hidden
+            if hidden is None:
+                return {
+                    "teacher_hidden": self.teacher_hidden(input_ids),
+                    "teacher_weight": self.teacher_weight(),
+                }
+            with capture_layers(self.teacher, hidden.teacher_layers) as caught:  # [hidden]: the mapped layers
+                final = self.teacher_hidden(input_ids)
+            layers = [caught[t] for t in hidden.teacher_layers]
+            return {
+                "teacher_hidden": final,
+                "teacher_weight": self.teacher_weight(),
+                "teacher_layers": layers,
+            }
         dev = self.device
         rows = (
             torch.as_tensor(batch["topk_ids"], device=dev),
@@ -112,8 +126,20 @@ def build_models(
     )
     log.info("loss backend: %s", loss_backend)
     autocast = ("cuda", torch.bfloat16) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    hidden = None
+    if teacher is not None:  # [hidden] weight > 0 is refused with a teacher cache (config check)
+        hidden = build_hidden_loss(cfg.hidden, student, teacher)
+    if hidden is not None:
+        hidden.to(device)
+        log.info(
+            "hidden-state loss: %s x %s over (student, teacher) layers %s, %d projection parameters",
+            cfg.hidden.weight,
+            cfg.hidden.loss,
+            hidden.pairs,
+            sum(p.numel() for p in hidden.parameters()),
+        )
     objective = DistillObjective(
-        student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast
+        student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast, hidden
     )
     if cfg.model.shard_teacher and teacher is not None:
         teacher = shard_teacher(teacher, ctx)

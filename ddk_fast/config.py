@@ -205,6 +205,36 @@ class LossConfig:
     backend: Literal["auto", "triton", "torch"] = _opt("auto", "KD loss backend: auto = triton on CUDA")
 
 
+def _pairs_ok(v) -> bool:
+    return all(len(p) == 2 and min(p) >= 0 for p in v) and len({tuple(p) for p in v}) == len(v)
+
+
+@dataclass
+class HiddenConfig:
+    """Hidden-state distillation (AKD): match mapped decoder layers' outputs of student and teacher."""
+
+    weight: float = _opt(0.0, "weight of the hidden-state loss added to the KD objective (0 = off)", *_nonneg)
+    loss: Literal["mse", "cosine"] = _opt(
+        "mse", "mse: mean squared error per token; cosine: 1 - cosine similarity per token"
+    )
+    layers: Literal["uniform", "pairs"] = _opt(
+        "uniform",
+        "uniform: student layer j <-> teacher layer round((j+1)*L_T/L_S) - 1 (every student layer); "
+        "pairs: the explicit [student, teacher] pairs of `pairs`",
+    )
+    pairs: list[list[int]] = _opt(
+        [],
+        'the [student, teacher] decoder-layer pairs used with layers = "pairs", e.g. [[0, 1], [1, 3]]',
+        _pairs_ok,
+        "distinct [student, teacher] pairs of layer indices >= 0",
+    )
+    projection: Literal["linear", "none"] = _opt(
+        "linear",
+        "linear: a learned Linear(H_s, H_t) per mapped pair when the widths differ (trained with the "
+        "adapters, kept in checkpoints, not in final/); none: compare directly (widths must match)",
+    )
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = _opt(1000, "optimizer steps", *_pos_int)
@@ -253,6 +283,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ddk: DDKConfig = field(default_factory=DDKConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -394,6 +425,19 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
             "loss.divergence",
             cfg.loss.divergence,
             "forward_kl or total_variation with [model] teacher_cache (the sparse-teacher loss)",
+        )
+    h = cfg.hidden
+    if h.layers == "pairs" and not h.pairs:
+        raise ConfigError(
+            "hidden.pairs", h.pairs, 'at least one [student, teacher] pair with layers = "pairs"'
+        )
+    if h.layers == "uniform" and h.pairs:
+        raise ConfigError("hidden.pairs", h.pairs, 'empty with layers = "uniform" (or set layers = "pairs")')
+    if h.weight > 0 and m.teacher_cache:
+        raise ConfigError(
+            "hidden.weight",
+            h.weight,
+            "0 with [model] teacher_cache (the cache holds no teacher hidden states)",
         )
     if not check_paths:
         return

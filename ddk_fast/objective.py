@@ -9,6 +9,11 @@ Training from a teacher cache (``[model] teacher_cache``), the teacher comes in 
 (``teacher_topk``: ids, log-probabilities, tail log-mass) and the loss is the sparse-teacher
 :func:`~ddk_fast.losses.fused_linear_kd_loss_topk`.
 
+With ``[hidden] weight > 0`` the objective also holds a :class:`~ddk_fast.hidden.HiddenStateLoss`
+(its projections train with the adapters): the mapped student layers are captured during the same forward,
+the teacher's come in as ``teacher_layers``, and the loss is ``KD loss + weight * hidden loss``. The hidden
+loss of the latest forward (detached, and its per-domain token sums) is kept in ``last_hidden`` for logging.
+
 ``forward(input_ids, labels)`` without teacher inputs scores the validation set instead: it returns the
 float64 sum of token CE and the token count (used by :mod:`ddk_fast.evaluation`), through the same module
 so a sharded student is gathered the same way.
@@ -21,16 +26,26 @@ from torch import nn
 
 from .config import LossConfig
 from .evaluation import hidden_ce_sum
+from .hidden import HiddenStateLoss, capture_layers
 from .losses import fused_linear_kd_loss, fused_linear_kd_loss_topk
 from .models import final_hidden, head_weight
 
 
 class DistillObjective(nn.Module):
     def __init__(
-        self, student: nn.Module, loss: LossConfig, num_domains: int, vocab_size: int, backend: str, autocast
+        self,
+        student: nn.Module,
+        loss: LossConfig,
+        num_domains: int,
+        vocab_size: int,
+        backend: str,
+        autocast,
+        hidden: HiddenStateLoss | None = None,
     ):
         super().__init__()
         self.student = student
+        self.hidden = hidden  # None: [hidden] off (no hooks, no parameters)
+        self.last_hidden: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loss_cfg = loss
         self.num_domains = num_domains
         self.vocab_size = vocab_size
@@ -51,13 +66,26 @@ class DistillObjective(nn.Module):
         teacher_hidden: torch.Tensor | None = None,
         teacher_weight: torch.Tensor | None = None,
         teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        teacher_layers: list[torch.Tensor] | None = None,
     ):
         if teacher_hidden is None and teacher_topk is None:  # validation scoring (no autocast, as teacher)
             hidden = final_hidden(self.student, input_ids)
             return hidden_ce_sum(hidden, head_weight(self.student), labels, self.vocab_size)
-        s_hidden = self._hidden(input_ids)
+        if self.hidden is not None and teacher_layers is not None:
+            with capture_layers(self.student, self.hidden.student_layers) as student_layers:
+                s_hidden = self._hidden(input_ids)
+        else:
+            s_hidden = self._hidden(input_ids)
         if teacher_topk is not None:  # training from a teacher cache
             return self._sparse_teacher_loss(s_hidden, labels, domain_ids, *teacher_topk)
+        out = self._kd_loss(s_hidden, labels, domain_ids, teacher_hidden, teacher_weight)
+        if self.hidden is None or teacher_layers is None:
+            return out
+        h, domain_sums = self.hidden(student_layers, teacher_layers, labels, domain_ids, self.num_domains)
+        self.last_hidden = (h.detach(), domain_sums)
+        return out._replace(loss=out.loss + self.hidden.weight * h.to(out.loss.dtype))
+
+    def _kd_loss(self, s_hidden, labels, domain_ids, teacher_hidden, teacher_weight):
         L = self.loss_cfg
         return fused_linear_kd_loss(
             s_hidden.reshape(-1, s_hidden.shape[-1]),

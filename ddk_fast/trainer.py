@@ -86,6 +86,7 @@ class _StepStats:
     sums: torch.Tensor  # float64 [3, n_domains]: this rank's CE sums, KD sums, token counts
     grad_norm: torch.Tensor
     row_hashes: list[list[int]]  # per micro-batch, this rank's sequence fingerprints (host)
+    hidden: torch.Tensor | None = None  # float64 [1 + n_domains]: [hidden] loss share, per-domain sums
 
 
 class Trainer:
@@ -185,7 +186,16 @@ class Trainer:
             "rng": ckpt.rng_state(),
             **self.schedule.state_dict(),
             "bad_total": self.bad_total,
+            **self._hidden_state(),
         }
+
+    def _hidden_state(self) -> dict:
+        """The [hidden] projections (not part of the student, so not in trainable.safetensors). Under FSDP
+        they are in the sharded objective state already."""
+        hidden = self.models.objective.hidden
+        if hidden is None or self.ctx.mode == "fsdp":
+            return {}
+        return {"hidden_projections": {k: v.detach().cpu().clone() for k, v in hidden.state_dict().items()}}
 
     def save(self) -> Path:
         return self.checkpointer.save(self.step, self.state())
@@ -205,6 +215,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.schedule.load_state_dict(state)
             self.bad_total = state["bad_total"]
+            hidden = self.models.objective.hidden
+            projections = hidden is not None and any(True for _ in hidden.parameters())
+            if projections and "hidden_projections" in state:
+                hidden.load_state_dict(state["hidden_projections"])
+            elif projections and not ckpt.is_sharded_checkpoint(Path(path)):  # sharded: in the DCP state
+                raise KeyError("no [hidden] projections in the checkpoint (written with [hidden] off)")
             self.step = state["step"]
             ckpt.set_rng_state(state["rng"])
         except (ValueError, KeyError) as exc:
@@ -263,6 +279,10 @@ class Trainer:
         total = self._global_tokens(counts)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = torch.zeros(3, len(self.names), dtype=torch.float64, device=self.device)
+        objective = self.models.objective
+        hidden = None
+        if objective.hidden is not None:
+            hidden = torch.zeros(1 + len(self.names), dtype=torch.float64, device=self.device)
         row_hashes = []
         self.teacher_guard.start_step()
         for i, (batch, n) in enumerate(zip(micro, counts)):
@@ -275,6 +295,10 @@ class Trainer:
                 (out.loss * scale).backward()
             loss += out.loss.detach().double() * (n / total)
             sums += torch.stack([out.domain_ce_sum, out.domain_kd_sum, out.domain_tokens]).detach().double()
+            if hidden is not None and objective.last_hidden is not None:
+                h, h_domain = objective.last_hidden
+                hidden[0] += h.double() * (n / total)
+                hidden[1:] += h_domain
         # clip first: a finite loss can still have a NaN/inf gradient, which must not reach the weights
         max_norm = c.train.max_grad_norm if c.train.max_grad_norm > 0 else float("inf")
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.models.trainable(), max_norm))
@@ -286,14 +310,17 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _StepStats(loss, sums, grad_norm, row_hashes)
+        return _StepStats(loss, sums, grad_norm, row_hashes, hidden)
 
     def _read_stats(self, stats: _StepStats) -> dict:
         """The metrics row of a step: all-reduced over ranks and read to the host (a logging step only)."""
         ctx = self.ctx
-        packed = torch.cat([stats.loss.reshape(1), stats.sums.reshape(-1)])
-        packed = ctx.all_reduce_sum(packed).cpu()
-        loss, sums = float(packed[0]), packed[1:].reshape(3, -1)
+        parts = [stats.loss.reshape(1), stats.sums.reshape(-1)]
+        if stats.hidden is not None:
+            parts.append(stats.hidden)
+        packed = ctx.all_reduce_sum(torch.cat(parts)).cpu()
+        n_sums = stats.sums.numel()
+        loss, sums = float(packed[0]), packed[1 : 1 + n_sums].reshape(3, -1)
         tok = sums[2].clamp(min=1)
         # the global batch's fingerprint: its sequences in global order (micro-batch, then rank, then row),
         # the same for every world size
@@ -303,7 +330,7 @@ class Trainer:
             for r in range(ctx.world_size):
                 for h in per_rank[r][m]:
                     fp = (fp * 1000003 + h) % (1 << 61)
-        return {
+        row = {
             "loss": loss,
             "ce": float(sums[0].sum() / tok.sum()),
             "kd": float(sums[1].sum() / tok.sum()),
@@ -313,6 +340,11 @@ class Trainer:
             "domain_tokens": sums[2].long().tolist(),
             "batch_fingerprint": fp,
         }
+        if stats.hidden is not None:  # [hidden]: the mean hidden-state loss (unweighted), and per domain
+            h = packed[1 + n_sums :]
+            row["hidden"] = float(h[0])
+            row["domain_hidden"] = (h[1:] / tok).tolist()
+        return row
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> TrainResult:

@@ -121,6 +121,7 @@ def runs(tmp_path_factory):
             {"cfg": c("full_one", mode="full", steps=4, every=2), "out": r("full_one")},
             {"cfg": c("lora_one", mode="lora", steps=4, every=2), "out": r("lora_one")},
             {"cfg": cached("cached_one"), "out": r("cached_one")},
+            {"cfg": _hidden(c("hidden_one", mode="lora", steps=4, every=2)), "out": r("hidden_one")},
         ],
         1,
     )
@@ -141,6 +142,11 @@ def runs(tmp_path_factory):
             {"cfg": c("fsdp_lora", mode="lora", parallel="fsdp", steps=4, every=2), "out": r("fsdp_lora")},
             {"cfg": qlora_sharded, "out": r("fsdp_qlora")},
             {"cfg": cached("cached_two"), "out": r("cached_two")},
+            {"cfg": _hidden(c("hidden_ddp", mode="lora", steps=4, every=2)), "out": r("hidden_ddp")},
+            {
+                "cfg": _hidden(c("hidden_fsdp", mode="lora", parallel="fsdp", steps=4, every=2)),
+                "out": r("hidden_fsdp"),
+            },
         ],
         2,
     )
@@ -165,6 +171,13 @@ def _teacher_cache(raw: dict, out: Path) -> str:
 
     build_cache(build_config(raw), out, 8)
     return str(out)
+
+
+def _hidden(raw: dict) -> dict:
+    """[hidden] on, with a student half as wide as the teacher (learned projections)."""
+    model = {k: v for k, v in raw["model"].items() if k != "student_from_teacher_layers"}
+    model["student_config"] = llama_config(VOCAB + 16, layers=2, hidden=32)
+    return {**raw, "model": model, "hidden": {"weight": 1.0}}
 
 
 def _with_cache(raw: dict, cache: str) -> dict:
@@ -265,6 +278,16 @@ def test_fsdp_qlora_student_with_a_sharded_teacher_matches(runs):
     one, fsdp = _rows(runs / "one"), _rows(runs / "fsdp_qlora")
     _same_steps(one, fsdp, (1,))  # step 1: the same learning rate (warm-up) as the longer reference
     assert (runs / "fsdp_qlora" / "final" / "adapter_config.json").exists()
+
+
+def test_hidden_state_loss_under_ddp_and_fsdp_matches_one_rank(runs):
+    one = _rows(runs / "hidden_one")
+    for name in ("hidden_ddp", "hidden_fsdp"):
+        other = _rows(runs / name)
+        _same_steps(one, other, (1, 2, 3, 4))
+        for s in (1, 2, 3, 4):
+            assert other[s]["hidden"] == pytest.approx(one[s]["hidden"], rel=1e-5), (name, s)
+    assert one[4]["hidden"] < one[1]["hidden"]
 
 
 def test_ranks_take_disjoint_slices_of_the_world_invariant_global_batch(tmp_path):

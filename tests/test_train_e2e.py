@@ -51,7 +51,7 @@ def make_cfg(assets, run_dir, **over):
     }
     for key, value in over.items():
         section, name = key.split("__")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return build_config(raw)
 
 
