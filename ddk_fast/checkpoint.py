@@ -339,10 +339,11 @@ def _load_state(path: Path) -> dict:
 # process.
 
 
-def _dcp_options():
+def _dcp_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)  # adapters only for lora/qlora; all weights for full
+    # adapters only for lora/qlora; all weights for full
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def save_sharded_checkpoint(
@@ -417,7 +418,14 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     msd, osd = get_state_dict(model, optimizer, options=_dcp_options())
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(path / SHARDED))
+    # not strict: the checkpoint holds only the trainable tensors (ignore_frozen_params), so a strict load
+    # would report every frozen base weight of a lora/qlora student as missing. The keys loaded are exactly
+    # those get_state_dict listed above, i.e. every trainable tensor, so nothing trainable can be skipped.
     set_state_dict(
-        model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=_dcp_options()
+        model,
+        optimizer,
+        model_state_dict=sd["model"],
+        optim_state_dict=sd["optim"],
+        options=_dcp_options(strict=False),
     )
     return _load_state(path)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,35 @@ def _spawn(name: str, args: list[str], nproc: int, timeout: float = 240) -> tupl
     return proc.returncode, out, err
 
 
+# An intermittent abort of one rank ("terminate called without an active exception", SIGABRT) seen in
+# about one torchrun launch in ten on the shared 2-core box, at different points of a run; its cause is not
+# found yet (an open problem of the multi-process path, not of what these tests compare). A launch that
+# dies that way is retried, with a warning in the test summary, so the equality checks below still run;
+# any other failure fails the test at once.
+ABORT = "terminate called without an active exception"
+RETRIES = 2
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
+    for attempt in range(RETRIES + 1):
+        try:
+            return _build_runs(tmp_path_factory.mktemp("dist"))
+        except AssertionError as exc:
+            if ABORT not in str(exc) or attempt == RETRIES:
+                raise
+            warnings.warn(f"torchrun launch aborted ({ABORT!r}); rebuilding the runs", stacklevel=1)
+
+
+def _spawn_retrying(name: str, args: list[str], nproc: int, **kw) -> tuple[int, str, str]:
+    for attempt in range(RETRIES + 1):
+        rc, out, err = _spawn(name, args, nproc, **kw)
+        if rc == 0 or ABORT not in err or attempt == RETRIES:
+            return rc, out, err
+        warnings.warn(f"{name}: torchrun launch aborted ({ABORT!r}); launching again", stacklevel=1)
+
+
+def _build_runs(tmp: Path) -> Path:
     assets = tmp / "assets"
     make_tokenizer(assets / "tok", [t for docs in domain_texts().values() for t in docs])
     write_domains(assets / "data")
@@ -152,12 +179,18 @@ def runs(tmp_path_factory):
     )
     _cut(tmp / "two", tmp / "two_to_one")
     shutil.copytree(tmp / "fsdp_full", tmp / "fsdp_to_one")
+    _cut(tmp / "fsdp_lora", tmp / "fsdp_lora_to_one", at=2)
     _launch(
         tmp,
         "single_resume",
         [
             {"cfg": c("two_to_one"), "resume": True, "out": r("two_to_one")},
             {"cfg": c("fsdp_to_one", mode="full", steps=4, every=2), "resume": True, "out": r("fsdp_to_one")},
+            {
+                "cfg": c("fsdp_lora_to_one", mode="lora", steps=4, every=2),
+                "resume": True,
+                "out": r("fsdp_lora_to_one"),
+            },
         ],
         1,
     )
@@ -184,14 +217,14 @@ def _with_cache(raw: dict, cache: str) -> dict:
     return {**raw, "model": {**raw["model"], "teacher_cache": cache}}
 
 
-def _cut(src: Path, dst: Path) -> None:
-    """A copy of a finished run without its checkpoints after step CUT: an interruption after step CUT
+def _cut(src: Path, dst: Path, at: int = CUT) -> None:
+    """A copy of a finished run without its checkpoints after step ``at``: an interruption after that step
     (resume takes the newest checkpoint that verifies, not what ``latest`` names)."""
     shutil.copytree(src, dst)
     for path in (dst / "checkpoints").glob("step_*"):
-        if int(path.name.removeprefix("step_")) > CUT:
+        if int(path.name.removeprefix("step_")) > at:
             shutil.rmtree(path)
-    (dst / "checkpoints" / "latest").write_text(f"step_{CUT:08d}\n")
+    (dst / "checkpoints" / "latest").write_text(f"step_{at:08d}\n")
 
 
 def _rows(run: Path) -> dict[int, dict]:
@@ -274,6 +307,13 @@ def test_fsdp_lora_student_matches_and_exports_adapters(runs):
         np.testing.assert_allclose(fsdp[k].numpy(), one[k].numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_lora_sharded_checkpoint_resumes_in_one_process(runs):
+    """A DCP checkpoint holds the adapters only; loading it must not ask for the frozen base weights."""
+    ref, resumed = _rows(runs / "lora_one"), _rows(runs / "fsdp_lora_to_one")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    _same_steps(ref, resumed, (3, 4))
+
+
 def test_fsdp_qlora_student_with_a_sharded_teacher_matches(runs):
     one, fsdp = _rows(runs / "one"), _rows(runs / "fsdp_qlora")
     _same_steps(one, fsdp, (1,))  # step 1: the same learning rate (warm-up) as the longer reference
@@ -349,10 +389,12 @@ def test_train_cli_under_torchrun_preflight_on_rank_0_and_resume(runs):
     config = runs / "cli.toml"
     config.write_text(dump_toml(build_config(_cfg(assets, run_dir, steps=CUT + 2))))
     args = ["-m", "ddk_fast.train", "--config", str(config)]
-    rc, out, err = _spawn("cli-fresh", args, 2, timeout=120)  # a fresh run into a folder with checkpoints
+    rc, out, err = _spawn_retrying(
+        "cli-fresh", args, 2, timeout=120
+    )  # a fresh run into a checkpointed folder
     assert rc != 0 and "error: " in err and "[rank 1] error: " in err, err[-3000:]
     assert err.count(" already holds 1 checkpoint(s)") == 2, err[-3000:]  # one line from each rank
-    rc, out, err = _spawn("cli-resume", [*args, "--resume"], 2)
+    rc, out, err = _spawn_retrying("cli-resume", [*args, "--resume"], 2)
     assert rc == 0, err[-6000:]
     rows = _rows(run_dir)
     assert sorted(rows) == list(range(1, CUT + 3))  # rows 11.. of the cut run dropped, then written again
