@@ -122,9 +122,7 @@ def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
                 },
             )
             log.info("report: %s", report)
-        # on success, every rank waits for rank 0's report before any rank leaves the process group: a
-        # rank that destroyed its gloo group while rank 0 still held the connection aborted at exit
-        # ("terminate called without an active exception", about one torchrun run in three here)
+        # on success, every rank waits for rank 0's report before any rank leaves the process group
         ctx.barrier()
         return 0
     finally:

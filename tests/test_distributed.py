@@ -104,11 +104,11 @@ def _spawn(name: str, args: list[str], nproc: int, timeout: float = 240) -> tupl
     return proc.returncode, out, err
 
 
-# An intermittent abort of one rank ("terminate called without an active exception", SIGABRT) seen in
-# about one torchrun launch in ten on the shared 2-core box, at different points of a run; its cause is not
-# found yet (an open problem of the multi-process path, not of what these tests compare). A launch that
-# dies that way is retried, with a warning in the test summary, so the equality checks below still run;
-# any other failure fails the test at once.
+# A rank that exited while the sampler's prefetch thread was still inside the C++ core aborted
+# ("terminate called without an active exception", SIGABRT; about one launch in ten here) until the
+# sampler stopped its producer threads at exit (ddk_fast/data/sampler.py). Should it come back, a launch
+# that dies that way is retried with a warning in the test summary, so the equality checks below still
+# run; any other failure fails the test at once.
 ABORT = "terminate called without an active exception"
 RETRIES = 2
 

@@ -43,10 +43,12 @@ Design choices (measurements in docs/sampler.md):
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import math
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -387,6 +389,21 @@ def validate_state(
     return (seq_index, window, rank_seqs), weights, int(state["batches"])
 
 
+# Producer threads still running when the interpreter shuts down are stopped first (atexit runs before
+# daemon threads are frozen): a daemon thread frozen inside the C++ core (pybind11) is torn down by a forced
+# unwind through C++ frames, which aborts the process ("terminate called without an active exception").
+_LIVE_PREFETCHERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _halt_live_prefetchers() -> None:
+    for prefetcher in list(_LIVE_PREFETCHERS):
+        try:
+            prefetcher._halt()
+        except Exception:
+            pass
+
+
 class _Prefetcher:
     """Background producer over ``sampler._produce``; items are (batch, core state after it)."""
 
@@ -404,6 +421,7 @@ class _Prefetcher:
             target=self._run, args=(self._queue, self._stop), name="ddk-sampler-prefetch", daemon=True
         )
         self._thread.start()
+        _LIVE_PREFETCHERS.add(self)
 
     def _run(self, q: queue.Queue, stop: threading.Event) -> None:
         core = self._sampler._core
