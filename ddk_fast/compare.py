@@ -186,21 +186,11 @@ def shared_student_init(raw: dict, seed: int, out: Path) -> dict:
 def static_weights(raw: dict) -> dict:
     """Domain weights proportional to training tokens (prepares the shards; the run reuses them)."""
     from .config import build_config
-    from .data import prepare_domains
+    from .data import prepare_config_domains
     from .models import load_tokenizer
 
     cfg = build_config(raw)
-    d = cfg.data
-    prepared = prepare_domains(
-        d.domains,
-        load_tokenizer(cfg.model),
-        d.cache_dir,
-        seq_len=d.seq_len,
-        val_sequences=d.val_sequences,
-        test_sequences=d.test_sequences or d.val_sequences,
-        seed=d.split_seed,
-        max_bad_records=d.max_bad_records,
-    )
+    prepared = prepare_config_domains(cfg.data, load_tokenizer(cfg.model))
     data = json.loads(json.dumps(raw["data"]))
     for dom, p in zip(data["domains"], prepared):
         dom["weight"] = float(p.train.num_tokens)

@@ -146,6 +146,11 @@ class DataConfig:
         *_unit,
     )
 
+    @property
+    def num_test_sequences(self) -> int:
+        """``test_sequences``, with 0 meaning as many as ``val_sequences``."""
+        return self.test_sequences or self.val_sequences
+
 
 @dataclass
 class DDKConfig:

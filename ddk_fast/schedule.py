@@ -30,22 +30,11 @@ log = logging.getLogger("ddk_fast")
 
 class DomainSchedule:
     def __init__(self, cfg: RunConfig, ctx: ParallelContext, tokenizer):
-        from .data import DomainSampler, prepare_domains, validation_batches
+        from .data import DomainSampler, prepare_config_domains, validation_batches
 
         self.cfg, self.ctx = cfg, ctx
         d = cfg.data
-        self.domains = ctx.main_first(
-            lambda: prepare_domains(
-                d.domains,
-                tokenizer,
-                d.cache_dir,
-                seq_len=d.seq_len,
-                val_sequences=d.val_sequences,
-                test_sequences=d.test_sequences or d.val_sequences,
-                seed=d.split_seed,
-                max_bad_records=d.max_bad_records,
-            )
-        )
+        self.domains = ctx.main_first(lambda: prepare_config_domains(d, tokenizer))
         self.names = [dom.name for dom in self.domains]
         sep = tokenizer.eos_token_id
         self.val_sets = [
@@ -54,7 +43,7 @@ class DomainSchedule:
         ]
         # the test split is packed here but only scored after the last step: it never steers DDK
         self.test_sets = [
-            validation_batches(dom.test, d.seq_len, d.test_sequences or d.val_sequences, sep, i)
+            validation_batches(dom.test, d.seq_len, d.num_test_sequences, sep, i)
             for i, dom in enumerate(self.domains)
         ]
         self.mixer = DomainMixer(

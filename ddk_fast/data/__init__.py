@@ -3,7 +3,7 @@
 Nothing here imports the optional C++ extension at import time (the sampler loads it lazily).
 """
 
-from .corpus import PreparedDomain, prepare_domains, validation_batches
+from .corpus import PreparedDomain, prepare_config_domains, prepare_domains, validation_batches
 from .sampler import DomainSampler
 from .shards import ShardError, ShardWriter, TokenShard
 
@@ -13,6 +13,7 @@ __all__ = [
     "ShardError",
     "ShardWriter",
     "TokenShard",
+    "prepare_config_domains",
     "prepare_domains",
     "validation_batches",
 ]

@@ -455,6 +455,21 @@ def prepare_domains(
     return out
 
 
+def prepare_config_domains(data_cfg, tokenizer) -> list[PreparedDomain]:
+    """:func:`prepare_domains` with every setting taken from a ``[data]`` section (:class:`DataConfig`)."""
+    d = data_cfg
+    return prepare_domains(
+        d.domains,
+        tokenizer,
+        d.cache_dir,
+        seq_len=d.seq_len,
+        val_sequences=d.val_sequences,
+        test_sequences=d.num_test_sequences,
+        seed=d.split_seed,
+        max_bad_records=d.max_bad_records,
+    )
+
+
 def _open_splits(folder: Path) -> tuple[TokenShard, TokenShard, TokenShard]:
     return tuple(TokenShard.open(folder / split) for split in ("train", "val", "test"))
 

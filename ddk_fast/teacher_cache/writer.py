@@ -87,7 +87,7 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
     """Write (or complete) the cache of ``cfg``'s teacher in ``out``; returns the manifest."""
     from tqdm.auto import tqdm
 
-    from ..data import prepare_domains, validation_batches
+    from ..data import prepare_config_domains, validation_batches
     from ..data.corpus import tokenizer_fingerprint
     from ..errors import ConfigError
     from ..evaluation import domain_losses
@@ -111,11 +111,7 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
     vocab = len(tokenizer)
     if top_k > vocab:
         raise ConfigError("--top-k", top_k, f"at most the vocabulary size {vocab}")
-    n_test = d.test_sequences or d.val_sequences
-    prepared = prepare_domains(
-        d.domains, tokenizer, d.cache_dir, seq_len=d.seq_len, val_sequences=d.val_sequences,
-        test_sequences=n_test, seed=d.split_seed, max_bad_records=d.max_bad_records,
-    )  # fmt: skip
+    prepared = prepare_config_domains(d, tokenizer)
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(m, device)
     teacher = load_teacher(m, device, dtype, cfg.train.seed)
@@ -155,7 +151,7 @@ def build_cache(cfg, out: Path, top_k: int, domains: list[str] | None = None, ep
     # the teacher's per-domain CE on the validation split (DDK's denominator) and on the test split (report)
     v_t = teacher.get_output_embeddings().weight.shape[0]
     val = [validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i) for i, dom, _ in jobs]
-    test = [validation_batches(dom.test, d.seq_len, n_test, sep, i) for i, dom, _ in jobs]
+    test = [validation_batches(dom.test, d.seq_len, d.num_test_sequences, sep, i) for i, dom, _ in jobs]
     ce = domain_losses(teacher, val, device, v_t, cfg.ddk.eval_batch_size)
     test_ce = domain_losses(teacher, test, device, v_t, cfg.ddk.eval_batch_size)
     domains_out = dict(old.get("domains", {}))
