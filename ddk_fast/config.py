@@ -31,21 +31,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-
-def _opt(default, doc: str, check=None, expected: str | None = None, **kw):
-    """A config field: default, one-line doc, an optional check ``value -> bool`` with its description."""
-    meta = {"doc": doc, "check": check, "expected": expected}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-_pos = (lambda v: v > 0, "a number > 0")
-_nonneg = (lambda v: v >= 0, "a number >= 0")
-_unit = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_pos_int = (lambda v: v >= 1, "an integer >= 1")
-_nonneg_int = (lambda v: v >= 0, "an integer >= 0")
-TEMPERATURE_RANGE = (0.05, 100.0)
+from .config_akd import HiddenConfig, akd_checks
+from .config_fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos, _pos_int, _unit
 
 
 @dataclass
@@ -208,36 +195,6 @@ class LossConfig:
     ce_weight: float = _opt(1.0, "weight of the next-token cross-entropy term", *_nonneg)
     scale_by_t2: bool = _opt(True, "multiply the KD term by T² (Hinton)")
     backend: Literal["auto", "triton", "torch"] = _opt("auto", "KD loss backend: auto = triton on CUDA")
-
-
-def _pairs_ok(v) -> bool:
-    return all(len(p) == 2 and min(p) >= 0 for p in v) and len({tuple(p) for p in v}) == len(v)
-
-
-@dataclass
-class HiddenConfig:
-    """Hidden-state distillation (AKD): match mapped decoder layers' outputs of student and teacher."""
-
-    weight: float = _opt(0.0, "weight of the hidden-state loss added to the KD objective (0 = off)", *_nonneg)
-    loss: Literal["mse", "cosine"] = _opt(
-        "mse", "mse: mean squared error per token; cosine: 1 - cosine similarity per token"
-    )
-    layers: Literal["uniform", "pairs"] = _opt(
-        "uniform",
-        "uniform: student layer j <-> teacher layer round((j+1)*L_T/L_S) - 1 (every student layer); "
-        "pairs: the explicit [student, teacher] pairs of `pairs`",
-    )
-    pairs: list[list[int]] = _opt(
-        [],
-        'the [student, teacher] decoder-layer pairs used with layers = "pairs", e.g. [[0, 1], [1, 3]]',
-        _pairs_ok,
-        "distinct [student, teacher] pairs of layer indices >= 0",
-    )
-    projection: Literal["linear", "none"] = _opt(
-        "linear",
-        "linear: a learned Linear(H_s, H_t) per mapped pair when the widths differ (trained with the "
-        "adapters, kept in checkpoints, not in final/); none: compare directly (widths must match)",
-    )
 
 
 @dataclass
@@ -431,19 +388,7 @@ def _cross_checks(cfg: RunConfig, check_paths: bool) -> None:
             cfg.loss.divergence,
             "forward_kl or total_variation with [model] teacher_cache (the sparse-teacher loss)",
         )
-    h = cfg.hidden
-    if h.layers == "pairs" and not h.pairs:
-        raise ConfigError(
-            "hidden.pairs", h.pairs, 'at least one [student, teacher] pair with layers = "pairs"'
-        )
-    if h.layers == "uniform" and h.pairs:
-        raise ConfigError("hidden.pairs", h.pairs, 'empty with layers = "uniform" (or set layers = "pairs")')
-    if h.weight > 0 and m.teacher_cache:
-        raise ConfigError(
-            "hidden.weight",
-            h.weight,
-            "0 with [model] teacher_cache (the cache holds no teacher hidden states)",
-        )
+    akd_checks(cfg)
     if not check_paths:
         return
     if m.teacher_cache:
