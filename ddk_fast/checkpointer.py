@@ -16,6 +16,7 @@ rank 0 (disk full, non-finite weights) is raised on every rank, so all ranks sto
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -37,8 +38,10 @@ class Checkpointer:
         models: ModelBundle,
         optimizer,
         config: dict | None = None,
+        export_projections: bool = False,
     ):
         self.run_dir = run_dir
+        self.export_projections = export_projections  # [hidden] export_projections
         self.config = config  # the resolved config, recorded in each manifest (resume compatibility)
         self.root = run_dir / "checkpoints"
         self.keep_last = keep_last
@@ -105,17 +108,46 @@ class Checkpointer:
             raise RunError(f"checkpoint {path} cannot be resumed with this config: {exc}") from None
         return state
 
+    def _export_projections(self, folder: Path, full_state: dict | None) -> None:
+        """``[hidden] export_projections``: the learned projections (``projections.<i>.weight/bias``, one
+        per layer pair) and ``hidden_projections.json`` (pairs, widths, loss) next to the final student.
+        ``full_state``: the gathered objective state under FSDP (keys ``hidden.projections.*``)."""
+        from safetensors.torch import save_file
+
+        hidden = self.models.objective.hidden
+        if hidden is None:
+            return
+        if full_state is None:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in hidden.state_dict().items()}
+        else:
+            tensors = {
+                k.removeprefix("hidden."): v.contiguous()
+                for k, v in full_state.items()
+                if k.startswith("hidden.")
+            }
+        if tensors:
+            save_file(tensors, str(folder / "hidden_projections.safetensors"))
+        first = next((v for k, v in sorted(tensors.items()) if k.endswith("weight")), None)
+        meta = {
+            "pairs": [list(p) for p in hidden.pairs],
+            "loss": hidden.loss,
+            "student_width": None if first is None else int(first.shape[1]),
+            "teacher_width": None if first is None else int(first.shape[0]),
+            "projected": bool(tensors),
+        }
+        (folder / "hidden_projections.json").write_text(json.dumps(meta, indent=1) + "\n")
+
     def export(self, tokenizer, student_mode: str) -> Path:
         """The final student in Hugging Face format: adapters (peft) or the full model, plus the tokenizer."""
         out = self.run_dir / "final"
         tmp = self.run_dir / "final.tmp"
-        sd = None
+        sd = full = None
         if self.ctx.mode == "fsdp":  # gather the shards (collective), keep them on rank 0 only
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full = get_model_state_dict(self.models.objective, options=opts)
-            sd = {k.removeprefix("student."): v for k, v in full.items()}
+            sd = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
         if self.ctx.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -124,6 +156,8 @@ class Checkpointer:
             else:
                 self.models.student.save_pretrained(tmp, state_dict=sd)
             tokenizer.save_pretrained(tmp)
+            if self.export_projections:
+                self._export_projections(tmp, full)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

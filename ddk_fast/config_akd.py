@@ -41,6 +41,11 @@ class HiddenConfig:
         "linear: a learned Linear(H_s, H_t) per mapped pair when the widths differ (trained with the "
         "adapters, kept in checkpoints, not in final/); none: compare directly (widths must match)",
     )
+    export_projections: bool = _opt(
+        False,
+        "also write the learned projections to final/hidden_projections.safetensors (+ .json: the layer "
+        "pairs and widths), e.g. to continue hidden-state distillation from the final student",
+    )
 
 
 def akd_checks(cfg) -> None:

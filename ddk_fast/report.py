@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .trainer import TrainResult
@@ -59,6 +60,7 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
             "mix (the factor collapsed). With large student-teacher gaps use `[ddk] factor = "
             '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
         ]
+    lines += _hidden_section(run / "metrics.jsonl", names)
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
@@ -67,6 +69,37 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _hidden_section(metrics: Path, names: list[str]) -> list[str]:
+    """``[hidden]`` on: the hidden-state loss per domain, averaged over the first and the last tenth of the
+    logged steps (one batch is noisy); nothing when the run logged none."""
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "domain_hidden" in r]
+    if not rows:
+        return []
+    k = max(1, len(rows) // 10)
+
+    def mean(part: list[dict], i: int | None) -> str:
+        if i is None:
+            return f"{sum(r['hidden'] for r in part) / len(part):.4f}"
+        seen = [r["domain_hidden"][i] for r in part if r["domain_tokens"][i] > 0]
+        return f"{sum(seen) / len(seen):.4f}" if seen else "-"
+
+    head, tail = rows[:k], rows[-k:]
+    span = f"steps {head[0]['step']}-{head[-1]['step']} / {tail[0]['step']}-{tail[-1]['step']}"
+    lines = [
+        "",
+        f"Hidden-state loss ([hidden]; the unweighted per-token loss, mean over logged {span}):",
+        "",
+        "| domain | hidden loss, first | hidden loss, last |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {mean(head, i)} | {mean(tail, i)} |" for i, n in enumerate(names)]
+    lines.append(f"| all | {mean(head, None)} | {mean(tail, None)} |")
+    return lines
 
 
 def _gap_following(history: list[dict], names: list[str]) -> str:

@@ -131,7 +131,13 @@ class Trainer:
             min_lr_ratio=t.min_lr_ratio,
         )
         self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep_last, ctx, self.models, self.optimizer, config=cfg.to_dict()
+            self.run_dir,
+            cfg.checkpoint.keep_last,
+            ctx,
+            self.models,
+            self.optimizer,
+            config=cfg.to_dict(),
+            export_projections=cfg.hidden.export_projections,
         )
         self.step = 0
         self.bad_in_a_row = 0
@@ -384,8 +390,9 @@ class Trainer:
                     t_log, steps_since_log = now, 0
                     if self.metrics is not None:
                         self.metrics.write(row)
+                    hid = f"hid {row['hidden']:.3f} " if "hidden" in row else ""
                     bar.set_postfix_str(
-                        f"loss {row['loss']:.3f} ce {row['ce']:.3f} kd {row['kd']:.3f} "
+                        f"loss {row['loss']:.3f} ce {row['ce']:.3f} kd {row['kd']:.3f} {hid}"
                         f"{row['tokens_per_s']:,.0f} tok/s "
                         f"w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]"
                     )

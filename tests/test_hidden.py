@@ -234,6 +234,33 @@ def test_hidden_loss_decreases_and_projection_resumes_exactly(assets, tmp_path):
         torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-7)
 
 
+def test_export_projections_opt_in_and_report(assets, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from ddk_fast.report import write_report
+
+    over = dict(_narrow_student(), hidden__weight=1.0, train__max_steps=2, hidden__export_projections=True)
+    tr = Trainer(make_cfg(assets, tmp_path / "run", **over))
+    tr.setup()
+    result = tr.fit()
+    final = tmp_path / "run" / "final"
+    saved = load_file(str(final / "hidden_projections.safetensors"))
+    live = tr.models.objective.hidden.state_dict()
+    assert set(saved) == set(live) == {f"projections.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    for k, v in live.items():
+        assert torch.equal(saved[k], v.cpu()), k
+    meta = json.loads((final / "hidden_projections.json").read_text())
+    assert meta["pairs"] == [[0, 1], [1, 3]] and meta["student_width"] == 32 and meta["teacher_width"] == 64
+    report = write_report(result, tr.names).read_text()
+    assert "Hidden-state loss" in report
+    row = next(line for line in report.splitlines() if line.startswith("| all |"))
+    first, last = (float(x) for x in row.strip("| ").split(" | ")[1:])
+    rows = _rows(tmp_path / "run")
+    assert first == pytest.approx(rows[0]["hidden"], abs=1e-4) and last == pytest.approx(
+        rows[-1]["hidden"], abs=1e-4
+    )
+
+
 @pytest.mark.parametrize(
     ("mode", "checkpointing", "loss"),
     [("qlora", True, "cosine"), ("full", False, "mse"), ("lora", True, "mse")],
