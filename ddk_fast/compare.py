@@ -12,13 +12,19 @@ normal run of the library's own loop (:class:`~ddk_fast.trainer.Trainer`), and s
 ``uniform``        KD, equal domain weights
 ``static``         KD, weights proportional to each domain's training tokens (a plain concatenated dataset)
 ``ce``             no KD (``kd_weight = 0``), equal domain weights
+``akd_hidden``     AKD's hidden-state loss alone (``[compare.akd.hidden]``), equal domain weights
+``akd_curriculum`` progressive distillation alone (``[compare.akd.curriculum]``), equal domain weights
+``akd_prompts``    the searched teacher prompts alone (``[compare.akd.teacher_prompt]``), equal weights
+``akd``            all three, equal domain weights
+``akd_ddk``        all three with DDK (default factor)
 =================  ==========================================================================================
 
 The config file is a normal ``run.toml`` plus a ``[compare]`` table (``name``, ``arms``, ``seeds``,
-``quick_steps``). Outputs in ``--out``: ``results.json`` (schema in :func:`summarise`), ``report.md`` and two
-plots (small files, to commit). The runs themselves (checkpoints, reports, the shared inits) go to ``--work``
-(default ``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the
-same settings hash) is reused, so an interrupted comparison continues where it stopped.
+``quick_steps``, and ``akd``: the AKD sections the ``akd*`` arms add). Outputs in ``--out``:
+``results.json`` (schema in :func:`summarise`), ``report.md`` and two plots (small files, to commit).
+The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
+``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the same
+settings hash) is reused, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -34,17 +40,42 @@ import time
 from pathlib import Path
 
 ARMS = ("ddk", "ddk_paper", "ddk_nosmooth", "uniform", "static", "ce")
+# AKD arms (opt-in: list them in [compare] arms): the sections of the [compare.akd] table, alone and together
+AKD_ARMS = ("akd_hidden", "akd_curriculum", "akd_prompts", "akd", "akd_ddk")
+_AKD_SECTIONS = {
+    "akd_hidden": ("hidden",),
+    "akd_curriculum": ("curriculum",),
+    "akd_prompts": ("teacher_prompt",),
+    "akd": ("hidden", "curriculum", "teacher_prompt"),
+    "akd_ddk": ("hidden", "curriculum", "teacher_prompt"),
+}
 _UNUSED_DDK_KEYS = {
     "ddk": frozenset(),
     "fixed": frozenset({"factor", "factor_temperature", "max_weight", "alpha", "smoothing"}),
 }
-_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps"}
+_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps", "akd"}
 log = logging.getLogger("ddk_fast.compare")
 
 
-def arm_overrides(arm: str) -> dict[str, dict]:
-    """The config sections an arm changes (on top of the comparison's base config)."""
+def arm_overrides(arm: str, akd: dict | None = None) -> dict[str, dict]:
+    """The config sections an arm changes (on top of the comparison's base config). ``akd``: the
+    ``[compare.akd]`` table (``hidden``, ``curriculum``, ``teacher_prompt`` sections) the AKD arms add;
+    they mix domains uniformly, ``akd_ddk`` with DDK."""
     from .config import DDKConfig
+    from .errors import ConfigError
+
+    if arm in AKD_ARMS:
+        akd = akd or {}
+        over = {"ddk": {"mixing": "ddk", "factor": DDKConfig().factor, "smoothing": True}}
+        if arm != "akd_ddk":
+            over = {"ddk": {"mixing": "uniform"}}
+        for section in _AKD_SECTIONS[arm]:
+            if section not in akd:
+                raise ConfigError(
+                    "compare.akd", sorted(akd), f"a [compare.akd.{section}] table for the {arm} arm"
+                )
+            over[section] = dict(akd[section])
+        return over
 
     table = {
         "ddk": {"ddk": {"mixing": "ddk", "factor": DDKConfig().factor, "smoothing": True}},
@@ -55,9 +86,7 @@ def arm_overrides(arm: str) -> dict[str, dict]:
         "ce": {"ddk": {"mixing": "uniform"}, "loss": {"kd_weight": 0.0}},
     }
     if arm not in table:
-        from .errors import ConfigError
-
-        raise ConfigError("compare.arms", arm, f"one of {', '.join(ARMS)}")
+        raise ConfigError("compare.arms", arm, f"one of {', '.join(ARMS + AKD_ARMS)}")
     return table[arm]
 
 
@@ -83,8 +112,12 @@ def split_compare_table(raw: dict) -> tuple[dict, dict]:
     comp.setdefault("arms", list(ARMS))
     comp.setdefault("seeds", [0, 1, 2])
     comp.setdefault("quick_steps", 40)
+    comp.setdefault("akd", {})
+    known = {sec for secs in _AKD_SECTIONS.values() for sec in secs}
+    if not isinstance(comp["akd"], dict) or any(k not in known for k in comp["akd"]):
+        raise ConfigError("compare.akd", comp["akd"], f"a table of the sections {sorted(known)}")
     for arm in comp["arms"]:
-        arm_overrides(arm)
+        arm_overrides(arm, comp["akd"])
     if not comp["seeds"] or not all(isinstance(s, int) and s >= 0 for s in comp["seeds"]):
         raise ConfigError("compare.seeds", comp["seeds"], "a non-empty list of integers >= 0")
     if not isinstance(comp["quick_steps"], int) or comp["quick_steps"] < 2:
@@ -137,12 +170,23 @@ def _identity(resolved: dict) -> dict:
     ddk.factor_temperature=...``) reuses the finished baseline runs instead of training them again."""
     resolved = json.loads(json.dumps(resolved))
     resolved["output"].pop("dir", None)
+    for section in _unused_sections(resolved):
+        resolved.pop(section, None)
     ddk = resolved["ddk"]
     unused = _UNUSED_DDK_KEYS["ddk" if ddk["mixing"] == "ddk" else "fixed"]
     if ddk["mixing"] == "ddk" and ddk["factor"] == "paper":
         unused = unused | {"factor_temperature"}
     resolved["ddk"] = {k: v for k, v in ddk.items() if k not in unused}
     return resolved
+
+
+def _unused_sections(resolved: dict) -> list[str]:
+    """AKD sections that are off in this run (every key unread): not part of its identity, so a new AKD key
+    does not invalidate finished runs that never used AKD."""
+    unused = []
+    if resolved.get("hidden", {}).get("weight", 0) == 0:
+        unused.append("hidden")
+    return unused
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -197,13 +241,14 @@ def static_weights(raw: dict) -> dict:
     return {**raw, "data": data}
 
 
-def run_arm(raw: dict, arm: str, seed: int, out: Path) -> dict:
-    """Train one arm for one seed (or reuse its finished result); returns its result row."""
+def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) -> dict:
+    """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
+    ``[compare.akd]`` table (AKD arms)."""
     from .config import build_config
     from .report import write_report
     from .trainer import Trainer
 
-    raw = _merge(raw, arm_overrides(arm))
+    raw = _merge(raw, arm_overrides(arm, akd))
     raw = _merge(raw, {"train": {"seed": seed}, "output": {"progress": False}})
     if arm == "static":
         raw = static_weights(raw)
@@ -308,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddk_fast.compare", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="examples/compare.toml", help="run.toml with a [compare] table")
     p.add_argument("--seeds", help="comma-separated seeds (default: [compare] seeds)")
-    p.add_argument("--arms", help=f"comma-separated arms (default: [compare] arms; known: {','.join(ARMS)})")
+    p.add_argument(
+        "--arms",
+        help=f"comma-separated arms (default: [compare] arms; known: {','.join(ARMS + AKD_ARMS)})",
+    )
     p.add_argument("--quick", action="store_true", help="one seed, [compare] quick_steps steps (a smoke run)")
     p.add_argument("--out", help="results folder (default: the work folder)")
     p.add_argument("--work", help="folder for the runs (default: runs/compare-<name>[-quick])")
@@ -328,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(comp["seeds"])
         arms = args.arms.split(",") if args.arms else list(comp["arms"])
         for arm in arms:
-            arm_overrides(arm)
+            arm_overrides(arm, comp["akd"])
         if args.quick:
             seeds = seeds[:1]
             raw = quick_overrides(raw, comp["quick_steps"])
@@ -368,7 +416,7 @@ def compare(
             bar.update(1)
             for arm in arms:
                 bar.set_postfix_str(f"seed {seed} {arm}")
-                row = run_arm(seeded, arm, seed, work)
+                row = run_arm(seeded, arm, seed, work, comp["akd"])
                 rows.append(row)
                 bar.update(1)
                 gaps = [s - t for s, t in zip(row["test_ce"], row["teacher_test_ce"])]

@@ -100,3 +100,22 @@ def test_summary_maths():
     assert paired(res, "ddk", "uniform", "worst_gap") == pytest.approx([-0.5, 0.5])
     (line,) = verdicts(res)
     assert "worst-domain gap lower in 1/2 seeds" in line and "mean gap no worse in 1/2 seeds" in line
+
+
+def test_akd_arms_add_their_sections_and_need_them():
+    from ddk_fast.compare import AKD_ARMS, arm_overrides, run_key
+    from ddk_fast.config import tomllib
+    from ddk_fast.errors import ConfigError
+
+    akd = {"hidden": {"weight": 0.5}, "curriculum": {"replay": 0.3}, "teacher_prompt": {"budget": 4}}
+    assert arm_overrides("akd_hidden", akd) == {"ddk": {"mixing": "uniform"}, "hidden": {"weight": 0.5}}
+    both = arm_overrides("akd_ddk", akd)
+    assert both["ddk"]["mixing"] == "ddk" and set(both) == {"ddk", "hidden", "curriculum", "teacher_prompt"}
+    assert set(arm_overrides("akd", akd)) - {"ddk"} == set(akd) and "akd_prompts" in AKD_ARMS
+    with pytest.raises(ConfigError, match=r"\[compare\] akd: expected a \[compare.akd.hidden\] table"):
+        arm_overrides("akd_hidden", {"curriculum": {}})
+    # an AKD section that is off is not part of a run's identity: finished baseline runs stay valid
+    raw = tomllib.loads((REPO / "examples" / "compare.toml").read_text())
+    raw.pop("compare")
+    assert run_key(raw) == run_key({**raw, "hidden": {"weight": 0.0, "loss": "cosine"}})
+    assert run_key(raw) != run_key({**raw, "hidden": {"weight": 0.5}})
