@@ -68,12 +68,49 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
+# (arm, base) pairs of the AKD arms: each part against plain KD, all parts against plain KD and against
+# DDK, and what DDK adds on top of AKD
+_AKD_PAIRS = (
+    ("akd_hidden", "uniform"),
+    ("akd_curriculum", "uniform"),
+    ("akd_prompts", "uniform"),
+    ("akd", "uniform"),
+    ("akd", "ddk"),
+    ("akd_ddk", "akd"),
+    ("akd_ddk", "ddk"),
+    ("akd_ddk", "uniform"),
+)
+
+
+def akd_lines(results: dict) -> list[str]:
+    """Paired per-seed differences of the AKD arms (nothing when the comparison has none)."""
+    runs = by_arm(results)
+    pairs = [(a, b) for a, b in _AKD_PAIRS if a in runs and b in runs]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## AKD arms, paired by seed (negative = the first arm better)",
+        "",
+        "| arm − base | Δ mean gap per seed | Δ worst gap per seed | mean lower | worst lower |",
+        "|---|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        dm, dw = paired(results, a, b, "mean_gap"), paired(results, a, b, "worst_gap")
+        lines.append(
+            f"| {a} − {b} | {_signed(dm)} | {_signed(dw)} | {sum(d < 0 for d in dm)}/{len(dm)} | "
+            f"{sum(d < 0 for d in dw)}/{len(dw)} |"
+        )
+    return lines
+
+
 def write_compare_report(results: dict, out: Path) -> Path:
     runs = by_arm(results)
     domains = results["domains"]
     s = results["setting"]
     lines = [
-        f"# Does DDK help? Setting `{s['name']}`{' (quick)' if s.get('quick') else ''}",
+        f"# Does {'DDK (or AKD)' if any(a.startswith('akd') for a in runs) else 'DDK'} help? "
+        f"Setting `{s['name']}`{' (quick)' if s.get('quick') else ''}",
         "",
         f"- {s['date']}, {s['machine']}, commit `{s['commit']}`; {len(results['seeds'])} seed(s) "
         f"{results['seeds']}; training time of the runs "
@@ -132,6 +169,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
                 dm, dw = paired(results, "ddk", base, "mean_gap"), paired(results, "ddk", base, "worst_gap")
                 lines.append(f"| {base} | {_signed(dm)} | {_signed(dw)} |")
         lines += ["", "## Against the goals", "", *verdicts(results)]
+    lines += akd_lines(results)
     _plot_gaps(results, out / "gaps.png")
     _plot_weights(results, out / "weights.png")
     lines += ["", "![per-domain test gap](gaps.png)", "", "![weights](weights.png)", ""]
@@ -173,10 +211,11 @@ def _plot_gaps(results: dict, path: Path) -> None:
 
 
 def _plot_weights(results: dict, path: Path) -> None:
-    """Weight trajectories of the DDK arms for the first seed, one panel per arm."""
+    """Weight trajectories of the arms whose mix changes (DDK, curriculum) for the first seed, one panel
+    per arm."""
     plt = _plt()
     runs = by_arm(results)
-    arms = [a for a in ("ddk", "ddk_paper", "ddk_nosmooth") if a in runs]
+    arms = [a for a in ("ddk", "ddk_paper", "ddk_nosmooth", "akd_curriculum", "akd_ddk") if a in runs]
     fig, axes = plt.subplots(1, max(1, len(arms)), figsize=(4.5 * max(1, len(arms)), 3.6), squeeze=False)
     seed = results["seeds"][0]
     for ax, arm in zip(axes[0], arms):
