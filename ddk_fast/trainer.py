@@ -38,6 +38,7 @@ from .metrics import MetricsWriter
 from .models import check_student_tokenizer, load_tokenizer
 from .nonfinite import step_is_finite
 from .optim import build_optimizer, progress_bar
+from .prompts import open_prompts
 from .schedule import DomainSchedule
 from .teacher_cache.training import open_for_schedule
 
@@ -113,11 +114,12 @@ class Trainer:
         # data first: a bad domain is an error before any model weight is read
         self.tokenizer = load_tokenizer(cfg.model)
         check_student_tokenizer(cfg.model, self.tokenizer)
+        self.prompts = open_prompts(cfg, self.tokenizer)  # [teacher_prompt] use: checked before any model
         self.schedule = DomainSchedule(cfg, ctx, self.tokenizer)
         self.teacher_guard = self.schedule.teacher_guard
         # [model] teacher_cache: the sampler's batches carry the cached teacher rows; the teacher is never run
         cache = open_for_schedule(cfg, self.tokenizer, self.schedule) if cfg.model.teacher_cache else None
-        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, cache)
+        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, cache, self.prompts)
         if ctx.rank > 0:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.train.seed + ctx.rank)
 
