@@ -73,7 +73,9 @@ def main(argv=None) -> int:
     teacher = make_teacher(args)
     V = teacher.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prefixes = {d: torch.randint(3, V, (n,), generator=g).tolist() for d, n in enumerate(args.prefix_lens) if n}
+    prefixes = {
+        d: torch.randint(3, V, (n,), generator=g).tolist() for d, n in enumerate(args.prefix_lens) if n
+    }
     prompts = TeacherPrompts(teacher, prefixes)
     n_dom = len(args.prefix_lens)
     rows = [r % n_dom for r in range(args.batch)]  # every domain in the batch: the masked path
@@ -116,7 +118,9 @@ def main(argv=None) -> int:
         q = statistics.quantiles(ts, n=4)
         med = statistics.median(ts)
         print(f"{name:<20}{med:>11.2f}{q[2] - q[0]:>9.2f}{med / base:>8.3f}")
-        rows_out.append({"provider": name, "median_ms": med, "iqr_ms": q[2] - q[0], "ratio_to_plain": med / base})
+        rows_out.append(
+            {"provider": name, "median_ms": med, "iqr_ms": q[2] - q[0], "ratio_to_plain": med / base}
+        )
     if not args.no_record:
         from bench.harness import record
 
