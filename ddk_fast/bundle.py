@@ -156,7 +156,8 @@ def build_models(
         student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast, hidden
     )
     teacher_prompts = None
-    if prompts is not None and teacher is not None:  # refused with teacher_cache / shard_teacher (config)
+    # [teacher_prompt]: the prefix keys/values are computed here, before a sharded teacher's FSDP wrapping
+    if prompts is not None and teacher is not None:  # refused with a teacher cache (config check)
         teacher_prompts = build_prompts(cfg, prompts, teacher)
     if cfg.model.shard_teacher and teacher is not None:
         teacher = shard_teacher(teacher, ctx)

@@ -110,13 +110,6 @@ def akd_checks(cfg) -> None:
             "empty with [model] teacher_cache (the cache holds the plain teacher's top-k; write the cache "
             "without prefixes, or train online)",
         )
-    if p.use and m.shard_teacher:
-        raise ConfigError(
-            "teacher_prompt.use",
-            p.use,
-            "empty with [model] shard_teacher = true (the prefixed teacher forward is not supported on an "
-            "FSDP-sharded teacher; use a replicated teacher)",
-        )
 
 
 def akd_path_checks(cfg) -> None:

@@ -387,11 +387,6 @@ def _ok_file(tmp_path):
             "[teacher_prompt] use",
             "teacher_cache",
         ),
-        (
-            {"teacher_prompt__use": _ok_file, "model__shard_teacher": True},
-            "[teacher_prompt] use",
-            "shard_teacher",
-        ),
     ],
 )
 def test_config_errors(assets, tmp_path, over, key, value):  # noqa: F811

@@ -8,12 +8,13 @@ step; the stored tensors themselves are never written to (the cache concatenates
 
 A batch's rows may belong to different domains with different prefix lengths (a packed row is one domain:
 the sampler fills each row from one domain's stream; the row's domain is ``domain_ids[r, 0]``). The rows are
-not split into per-domain forwards (on a GPU several small forwards cost more than one, and under FSDP every
-rank must run the same forwards); instead the prefixes are right-aligned into ``P_max`` cache slots, the
-unused slots masked out in the 2D attention mask, and the plain tokens of row ``r`` get position ids
-``P_r .. P_r + L - 1``. Masked keys contribute exactly zero attention, so every row equals the teacher run on
-its own ``prefix + text`` (to float rounding; tested <= 1e-5). When every row has the same prefix length no
-mask is passed; when no row has a prefix it is the plain forward, unchanged.
+not split into per-domain forwards (on a GPU several small forwards cost more than one, and with
+``shard_teacher`` every forward is a collective that all ranks must run alike); instead the prefixes are
+right-aligned into ``P_max`` cache slots, the unused slots masked out in the 2D attention mask, and the plain
+tokens of row ``r`` get position ids ``P_r .. P_r + L - 1``. Masked keys contribute exactly zero attention,
+so every row equals the teacher run on its own ``prefix + text`` (to float rounding; tested <= 1e-5). When
+every row has the same prefix length no mask is passed; when no row has a prefix it is the plain forward,
+unchanged.
 
 The returned hidden states (and the layers ``[hidden]`` captures with hooks during this forward) are those of
 the plain positions only, so the KD loss sees exactly one teacher row per student row.
