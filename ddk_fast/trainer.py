@@ -20,6 +20,7 @@ non-finite teacher gets its own error instead of being blamed on the student.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -189,7 +190,17 @@ class Trainer:
             **self.schedule.state_dict(),
             "bad_total": self.bad_total,
             **self._hidden_state(),
+            "teacher_prompts": self._prompts_key(),
         }
+
+    def _prompts_key(self) -> str | None:
+        """What the teacher saw ([teacher_prompt] use): a hash of the per-domain prefix ids, None when off.
+        A checkpoint's teacher val CE was measured with them, so a resume must see the same ones."""
+        prompts = self.models.prompts
+        if prompts is None or not prompts.prefixes:
+            return None
+        payload = json.dumps({self.names[d]: ids for d, ids in sorted(prompts.prefixes.items())})
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def _hidden_state(self) -> dict:
         """The [hidden] projections (not part of the student, so not in trainable.safetensors). Under FSDP
@@ -217,6 +228,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.schedule.load_state_dict(state)
             self.bad_total = state["bad_total"]
+            if state.get("teacher_prompts") != self._prompts_key():
+                raise ValueError(
+                    "its teacher saw other [teacher_prompt] prefixes (a different `use` file or none); "
+                    "its teacher losses were measured with them"
+                )
             hidden = self.models.objective.hidden
             projections = hidden is not None and any(True for _ in hidden.parameters())
             if projections and "hidden_projections" in state:

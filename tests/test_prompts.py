@@ -13,7 +13,7 @@ import torch
 
 from ddk_fast.config import build_config, dump_toml
 from ddk_fast.data import prepare_config_domains, validation_batches
-from ddk_fast.errors import ConfigError
+from ddk_fast.errors import ConfigError, RunError
 from ddk_fast.evaluation import hidden_ce_sum
 from ddk_fast.hidden import capture_layers
 from ddk_fast.models import final_hidden, head_weight, load_teacher, load_tokenizer
@@ -308,6 +308,24 @@ def test_training_with_prompts_uses_prefixed_teacher(assets, searched, tmp_path)
 
     report = write_report(res, t.names, prompts=t.prompts).read_text()
     assert "## Teacher prompts" in report and "| arith | `" in report
+    # a checkpoint resumes only with the prefixes it was trained with
+    same = Trainer(make_cfg(assets, tmp_path / "run", teacher_prompt__use=str(path), train__max_steps=2))
+    same.setup()
+    assert same.resume() and same.step == 2
+    plain_run = Trainer(make_cfg(assets, tmp_path / "run", train__max_steps=2))
+    plain_run.setup()
+    with pytest.raises(RunError, match=r"cannot be resumed.*other \[teacher_prompt\] prefixes"):
+        plain_run.resume()
+
+
+def test_teacher_cache_writer_refuses_prompts(assets, tmp_path, capsys):  # noqa: F811
+    from ddk_fast.teacher_cache.__main__ import main as cache_main
+
+    cfg = make_cfg(assets, tmp_path / "run", teacher_prompt__use=_ok_file(tmp_path))
+    cfg_path = _toml(cfg, tmp_path / "run.toml")
+    assert cache_main(["--config", str(cfg_path), "--out", str(tmp_path / "cache")]) == 2
+    assert "[teacher_prompt] use: expected empty when writing a teacher cache" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
