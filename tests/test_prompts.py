@@ -174,7 +174,9 @@ def test_search_on_tiny_teacher(tiny):
     for r in range(len(ids)):
         full = torch.cat([pre, torch.as_tensor(ids[r])]).unsqueeze(0)
         h = final_hidden(teacher, full)[:, len(pre) :]
-        s, k = hidden_ce_sum(h, head_weight(teacher), torch.as_tensor(labels[r : r + 1]), len(tok))
+        s, k = hidden_ce_sum(
+            h, head_weight(teacher), torch.as_tensor(labels[r : r + 1]), head_weight(teacher).shape[0]
+        )
         total, n = total + float(s), n + int(k)
     assert abs(total / n - best_prefixed["ce"]) <= 1e-5
     # few-shot docs: ranked by the cosine of mean hidden states (independent recomputation of the top one)

@@ -247,7 +247,7 @@ def search_domain(
         perturb.make("explore", tokenizer.encode(t.replace("{domain}", name), add_special_tokens=False))
         for t in cfg.templates
     ]
-    vocab = n_tok
+    vocab = head_weight(teacher).shape[0]  # the teacher's full softmax (as training scores it when V_s = V_t)
     result = search(
         lambda p: dev_ce(teacher, ids, labels, p, vocab, batch), explore, perturb, cfg.budget, on_eval
     )
