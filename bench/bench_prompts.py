@@ -140,5 +140,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def test_bench_prompts_smoke():
+    """The benchmark smoke run (``pytest bench --benchmark-disable``): tiny shapes, nothing recorded."""
+    assert (
+        main(
+            [
+                "--hidden",
+                "32",
+                "--layers",
+                "2",
+                "--seq-len",
+                "16",
+                "--batch",
+                "5",
+                "--rounds",
+                "2",
+                "--no-record",
+            ]
+        )
+        == 0
+    )
+
+
 if __name__ == "__main__":
     sys.exit(main())
