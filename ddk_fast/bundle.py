@@ -19,7 +19,7 @@ from torch import nn
 from .backend import BackendChoice, resolve_loss_backend
 from .config import RunConfig
 from .distributed import ParallelContext, shard_teacher, wrap_objective
-from .evaluation import ScoreFn, model_score_fn
+from .evaluation import ScoreFn, model_score_fn, prompted_score_fn
 from .hidden import build_hidden_loss, capture_layers
 from .models import (
     check_vocab,
@@ -31,6 +31,7 @@ from .models import (
     trainable_parameters,
 )
 from .objective import DistillObjective
+from .prompts import TeacherPrompts, build_prompts, row_domains
 from .teacher_cache import TeacherCache
 from .teacher_cache.training import cached_vocab_size, teacher_for_student_init
 
@@ -48,12 +49,17 @@ class ModelBundle:
     device: torch.device
     loss_backend: BackendChoice
     teacher_cache: TeacherCache | None = None
+    prompts: TeacherPrompts | None = None  # [teacher_prompt] use: the teacher's per-domain prefixes
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.objective.parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def teacher_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def teacher_hidden(self, input_ids: torch.Tensor, domain_ids=None) -> torch.Tensor:
+        """The teacher's final hidden states; with prompts, each row after its domain's prefix (the plain
+        positions only, so one teacher row per student row)."""
+        if self.prompts is not None:
+            return self.prompts.hidden(input_ids, row_domains(domain_ids))
         return final_hidden(self.teacher, input_ids)
 
     def teacher_weight(self) -> torch.Tensor:
@@ -66,11 +72,11 @@ class ModelBundle:
             hidden = self.objective.hidden
             if hidden is None:
                 return {
-                    "teacher_hidden": self.teacher_hidden(input_ids),
+                    "teacher_hidden": self.teacher_hidden(input_ids, batch.get("domain_ids")),
                     "teacher_weight": self.teacher_weight(),
                 }
             with capture_layers(self.teacher, hidden.teacher_layers) as caught:  # [hidden]: the mapped layers
-                final = self.teacher_hidden(input_ids)
+                final = self.teacher_hidden(input_ids, batch.get("domain_ids"))
             layers = [caught[t] for t in hidden.teacher_layers]
             return {
                 "teacher_hidden": final,
@@ -86,6 +92,8 @@ class ModelBundle:
         return {"teacher_topk": rows}
 
     def teacher_score(self) -> ScoreFn:
+        if self.prompts is not None:  # val/test CE of the teacher that makes the targets: with its prefix
+            return prompted_score_fn(self.prompts, self.teacher, self.vocab_size)
         return model_score_fn(self.teacher, self.vocab_size)
 
     def student_score(self) -> ScoreFn:
@@ -95,10 +103,16 @@ class ModelBundle:
 
 
 def build_models(
-    cfg: RunConfig, ctx: ParallelContext, tokenizer, run_dir: Path, teacher_cache: TeacherCache | None = None
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    tokenizer,
+    run_dir: Path,
+    teacher_cache: TeacherCache | None = None,
+    prompts: dict | None = None,
 ) -> ModelBundle:
     """``teacher_cache``: train from it (:func:`ddk_fast.teacher_cache.training.open_for_schedule`); the
-    teacher is then not kept (loaded at most once, to take the student's layers from it)."""
+    teacher is then not kept (loaded at most once, to take the student's layers from it). ``prompts``: the
+    checked prompts.json of ``[teacher_prompt] use`` (:func:`ddk_fast.prompts.open_prompts`)."""
     device = ctx.device
     dtype = resolve_dtype(cfg.model, device)
     seed = cfg.train.seed
@@ -141,9 +155,22 @@ def build_models(
     objective = DistillObjective(
         student, cfg.loss, len(cfg.data.domains), vocab_size, loss_backend.name, autocast, hidden
     )
+    teacher_prompts = None
+    # [teacher_prompt]: the prefix keys/values are computed here, before a sharded teacher's FSDP wrapping
+    if prompts is not None and teacher is not None:  # refused with a teacher cache (config check)
+        teacher_prompts = build_prompts(cfg, prompts, teacher)
     if cfg.model.shard_teacher and teacher is not None:
         teacher = shard_teacher(teacher, ctx)
     model = wrap_objective(objective, ctx)
     return ModelBundle(
-        teacher, student, objective, model, vocab_size, dtype, device, loss_backend, teacher_cache
+        teacher,
+        student,
+        objective,
+        model,
+        vocab_size,
+        dtype,
+        device,
+        loss_backend,
+        teacher_cache,
+        teacher_prompts,
     )

@@ -1,4 +1,5 @@
-"""The AKD config sections (``[hidden]``; see ``config.py`` for the format) and their cross-checks.
+"""The AKD config sections (``[hidden]``, ``[teacher_prompt]``; see ``config.py`` for the format) and
+their cross-checks.
 
 Kept apart from ``config.py`` so that section stays readable; :class:`~ddk_fast.config.RunConfig` holds them
 and :func:`~ddk_fast.config.build_config` calls :func:`akd_checks` before any model or data is touched.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config_fields import _nonneg, _opt
+from .config_fields import _nonneg, _nonneg_int, _opt, _pos_int
 from .errors import ConfigError
 
 
@@ -48,6 +49,49 @@ class HiddenConfig:
     )
 
 
+DEFAULT_TEMPLATES = ["The following is {domain} text:\n", "Here is an example of {domain}:\n"]
+MAX_FEWSHOT = 5
+
+
+@dataclass
+class TeacherPromptConfig:
+    """Teacher prompt search (AKD): a per-domain prefix shown to the teacher only (``ddk_fast.prompts``)."""
+
+    use: str = _opt(
+        "",
+        "a prompts.json written by `python -m ddk_fast.prompts`: the teacher sees each domain's prefix "
+        "(training, and its val/test CE); empty = off",
+    )
+    templates: list[str] = _opt(
+        DEFAULT_TEMPLATES,
+        "search: the candidate templates explored first; {domain} is replaced by the domain name",
+        lambda v: all(t.strip() for t in v),
+        "a list of non-empty strings",
+    )
+    budget: int = _opt(
+        24, "search: candidate evaluations per domain (teacher passes over the dev slice)", *_pos_int
+    )
+    dev_sequences: int = _opt(
+        8,
+        "search: sequences of the dev slice a candidate is scored on (the last documents of the domain's "
+        "train split; never val or test)",
+        *_pos_int,
+    )
+    max_fewshot: int = _opt(
+        3,
+        f"search: few-shot prefixes of k = 1..max_fewshot train documents (0 = none; at most {MAX_FEWSHOT})",
+        lambda v: 0 <= v <= MAX_FEWSHOT,
+        f"an integer in [0, {MAX_FEWSHOT}]",
+    )
+    max_prefix_tokens: int = _opt(
+        128, "search: longest prefix in tokens (longer few-shot prefixes keep their last tokens)", *_pos_int
+    )
+    seed: int = _opt(0, "search: seed of the swap order and the few-shot document pool", *_nonneg_int)
+    out: str = _opt(
+        "", "search: where the CLI writes prompts.json (+ prompts.md); empty = <output.dir>/prompts.json"
+    )
+
+
 def akd_checks(cfg) -> None:
     """Checks across AKD keys (and the rest of the run): ConfigError naming the key and value."""
     h, m = cfg.hidden, cfg.model
@@ -63,3 +107,19 @@ def akd_checks(cfg) -> None:
             h.weight,
             "0 with [model] teacher_cache (the cache holds no teacher hidden states)",
         )
+    p = cfg.teacher_prompt
+    if p.use and m.teacher_cache:
+        raise ConfigError(
+            "teacher_prompt.use",
+            p.use,
+            "empty with [model] teacher_cache (the cache holds the plain teacher's top-k; write the cache "
+            "without prefixes, or train online)",
+        )
+
+
+def akd_path_checks(cfg) -> None:
+    """Checks that read files (only with ``check_paths``): the prompts.json of ``[teacher_prompt] use``."""
+    if cfg.teacher_prompt.use:
+        from .prompts.file import check_prompts_file
+
+        check_prompts_file(cfg.teacher_prompt.use, [d.name for d in cfg.data.domains])

@@ -69,6 +69,18 @@ def model_score_fn(model: nn.Module, vocab_size: int, ignore_index: int = -100) 
     return score
 
 
+def prompted_score_fn(prompts, model: nn.Module, vocab_size: int, ignore_index: int = -100) -> ScoreFn:
+    """Score batches of one domain with the teacher after that domain's prefix (``[teacher_prompt]``):
+    called with the domain index as a third argument (``by_domain``)."""
+
+    def score(ids, labels, domain):
+        hidden = prompts.hidden(ids, [domain] * ids.shape[0])
+        return hidden_ce_sum(hidden, head_weight(model), labels, vocab_size, ignore_index)
+
+    score.by_domain = True
+    return score
+
+
 @torch.no_grad()
 def domain_ce_sums(
     score: ScoreFn,
@@ -84,7 +96,8 @@ def domain_ce_sums(
 
     ``all_reduce`` sums a tensor over ranks in place (None in a single process). ``lockstep``: every rank
     runs the same number of forward passes (a rank without a batch left scores batch 0 and discards it), as
-    FSDP needs: its forward passes are collectives.
+    FSDP needs: its forward passes are collectives. A ``score`` with ``by_domain = True`` also gets the
+    domain index (the prefixed teacher of ``[teacher_prompt]``).
     """
     n_batches = [-(-len(vs["input_ids"]) // batch_size) for vs in val_sets]
     starts = np.concatenate([[0], np.cumsum(n_batches)])
@@ -99,7 +112,7 @@ def domain_ce_sums(
         vs = val_sets[d]
         ids = torch.as_tensor(np.asarray(vs["input_ids"][i : i + batch_size]), device=device)
         lab = torch.as_tensor(np.asarray(vs["labels"][i : i + batch_size]), device=device)
-        s, k = score(ids, lab)
+        s, k = score(ids, lab, d) if getattr(score, "by_domain", False) else score(ids, lab)
         if real:
             sums[slot, 0] = s
             sums[slot, 1] = k.double()

@@ -8,7 +8,10 @@ from pathlib import Path
 from .trainer import TrainResult
 
 
-def write_report(result: TrainResult, names: list[str], extra: dict | None = None) -> Path:
+def write_report(
+    result: TrainResult, names: list[str], extra: dict | None = None, prompts: dict | None = None
+) -> Path:
+    """``prompts``: the prompts.json of ``[teacher_prompt] use`` (adds a "teacher prompts" table)."""
     run = result.run_dir
     _plot_weights(result, names, run / "domain_weights.png")
     _plot_losses(result, names, run / "domain_losses.png")
@@ -65,6 +68,8 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
         lines.append(_gap_following(result.weight_history, names))
+    if prompts is not None:
+        lines += _prompts_table(prompts, names)
     lines += ["", "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
@@ -99,6 +104,32 @@ def _hidden_section(metrics: Path, names: list[str]) -> list[str]:
     ]
     lines += [f"| {n} | {mean(head, i)} | {mean(tail, i)} |" for i, n in enumerate(names)]
     lines.append(f"| all | {mean(head, None)} | {mean(tail, None)} |")
+    return lines
+
+
+def _prompts_table(prompts: dict, names: list[str]) -> list[str]:
+    """The teacher prompts of the run: the teacher val/test CE above are measured with these prefixes."""
+    lines = [
+        "",
+        "## Teacher prompts",
+        "",
+        "The teacher saw these prefixes (`[teacher_prompt] use`); its val and test CE above are measured "
+        "with them. Dev CE: the prompt search's dev slice (end of the train split), with and without.",
+        "",
+        "| domain | prefix | tokens | dev CE with | dev CE without |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        e = prompts["domains"].get(name)
+        if e is None:
+            lines.append(f"| {name} | (none: not in the file) | 0 | - | - |")
+            continue
+        text = json.dumps(e.get("prefix", ""))[1:-1].replace("|", "\\|")
+        text = f"`{text[:40]}{'...' if len(text) > 40 else ''}`" if e["prefix_ids"] else "(none)"
+        dev = e.get("dev_ce")
+        base = e.get("no_prefix_ce")
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {text} | {len(e['prefix_ids'])} | {fmt(dev)} | {fmt(base)} |")
     return lines
 
 

@@ -120,6 +120,7 @@ def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
                     "sampler backend": str(trainer.sampler.backend),
                     "parallel": parallel,
                 },
+                prompts=trainer.prompts,
             )
             log.info("report: %s", report)
         # on success, every rank waits for rank 0's report before any rank leaves the process group

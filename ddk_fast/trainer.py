@@ -20,6 +20,7 @@ non-finite teacher gets its own error instead of being blamed on the student.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .metrics import MetricsWriter
 from .models import check_student_tokenizer, load_tokenizer
 from .nonfinite import step_is_finite
 from .optim import build_optimizer, progress_bar
+from .prompts import open_prompts
 from .schedule import DomainSchedule
 from .teacher_cache.training import open_for_schedule
 
@@ -113,11 +115,12 @@ class Trainer:
         # data first: a bad domain is an error before any model weight is read
         self.tokenizer = load_tokenizer(cfg.model)
         check_student_tokenizer(cfg.model, self.tokenizer)
+        self.prompts = open_prompts(cfg, self.tokenizer)  # [teacher_prompt] use: checked before any model
         self.schedule = DomainSchedule(cfg, ctx, self.tokenizer)
         self.teacher_guard = self.schedule.teacher_guard
         # [model] teacher_cache: the sampler's batches carry the cached teacher rows; the teacher is never run
         cache = open_for_schedule(cfg, self.tokenizer, self.schedule) if cfg.model.teacher_cache else None
-        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, cache)
+        self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, cache, self.prompts)
         if ctx.rank > 0:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.train.seed + ctx.rank)
 
@@ -193,7 +196,17 @@ class Trainer:
             **self.schedule.state_dict(),
             "bad_total": self.bad_total,
             **self._hidden_state(),
+            "teacher_prompts": self._prompts_key(),
         }
+
+    def _prompts_key(self) -> str | None:
+        """What the teacher saw ([teacher_prompt] use): a hash of the per-domain prefix ids, None when off.
+        A checkpoint's teacher val CE was measured with them, so a resume must see the same ones."""
+        prompts = self.models.prompts
+        if prompts is None or not prompts.prefixes:
+            return None
+        payload = json.dumps({self.names[d]: ids for d, ids in sorted(prompts.prefixes.items())})
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def _hidden_state(self) -> dict:
         """The [hidden] projections (not part of the student, so not in trainable.safetensors). Under FSDP
@@ -221,6 +234,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.schedule.load_state_dict(state)
             self.bad_total = state["bad_total"]
+            if state.get("teacher_prompts") != self._prompts_key():
+                raise ValueError(
+                    "its teacher saw other [teacher_prompt] prefixes (a different `use` file or none); "
+                    "its teacher losses were measured with them"
+                )
             hidden = self.models.objective.hidden
             projections = hidden is not None and any(True for _ in hidden.parameters())
             if projections and "hidden_projections" in state:

@@ -140,6 +140,8 @@ def _build_runs(tmp: Path) -> Path:
     c = lambda name, **kw: _cfg(assets, tmp / name, **kw)  # noqa: E731
     cache = _teacher_cache(c("cache_writer"), tmp / "teacher_cache")
     cached = lambda name: _with_cache(c(name, steps=4, every=2), cache)  # noqa: E731
+    prompts = _prompts_file(c("prompt_search"), tmp / "prompts.json")
+    prompted = lambda name, **kw: _with_prompts(c(name, steps=4, every=2, **kw), prompts)  # noqa: E731
     _launch(
         tmp,
         "single",
@@ -149,6 +151,8 @@ def _build_runs(tmp: Path) -> Path:
             {"cfg": c("lora_one", mode="lora", steps=4, every=2), "out": r("lora_one")},
             {"cfg": cached("cached_one"), "out": r("cached_one")},
             {"cfg": _hidden(c("hidden_one", mode="lora", steps=4, every=2)), "out": r("hidden_one")},
+            {"cfg": c("plain_short", steps=4, every=2), "out": r("plain_short")},
+            {"cfg": prompted("prompts_one"), "out": r("prompts_one")},
         ],
         1,
     )
@@ -173,6 +177,11 @@ def _build_runs(tmp: Path) -> Path:
             {
                 "cfg": _hidden(c("hidden_fsdp", mode="lora", parallel="fsdp", steps=4, every=2)),
                 "out": r("hidden_fsdp"),
+            },
+            {"cfg": prompted("prompts_ddp"), "out": r("prompts_ddp")},
+            {
+                "cfg": _shard_teacher(prompted("prompts_sharded", parallel="fsdp")),
+                "out": r("prompts_sharded"),
             },
         ],
         2,
@@ -211,6 +220,29 @@ def _hidden(raw: dict) -> dict:
     model = {k: v for k, v in raw["model"].items() if k != "student_from_teacher_layers"}
     model["student_config"] = llama_config(VOCAB + 16, layers=2, hidden=32)
     return {**raw, "model": model, "hidden": {"weight": 1.0}}
+
+
+def _prompts_file(raw: dict, out: Path) -> str:
+    """A prompts.json for the runs' teacher (the CLI, then a prefix of another length forced per domain)."""
+    from ddk_fast.prompts.__main__ import main as prompts_main
+
+    raw = {**raw, "teacher_prompt": {"budget": 1, "dev_sequences": 2, "max_fewshot": 0}}
+    cfg_path = out.with_suffix(".toml")
+    cfg_path.write_text(dump_toml(build_config(raw)))
+    assert prompts_main(["--config", str(cfg_path), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for i, entry in enumerate(data["domains"].values()):
+        entry["prefix_ids"] = list(range(5, 5 + 3 + 4 * i))
+    out.write_text(json.dumps(data))
+    return str(out)
+
+
+def _with_prompts(raw: dict, path: str) -> dict:
+    return {**raw, "teacher_prompt": {"use": path}}
+
+
+def _shard_teacher(raw: dict) -> dict:
+    return {**raw, "model": {**raw["model"], "shard_teacher": True}}
 
 
 def _with_cache(raw: dict, cache: str) -> dict:
@@ -328,6 +360,24 @@ def test_hidden_state_loss_under_ddp_and_fsdp_matches_one_rank(runs):
         for s in (1, 2, 3, 4):
             assert other[s]["hidden"] == pytest.approx(one[s]["hidden"], rel=1e-5), (name, s)
     assert one[4]["hidden"] < one[1]["hidden"]
+
+
+def test_teacher_prompts_under_ddp_and_a_sharded_teacher_match_one_rank(runs):
+    """[teacher_prompt]: the prefixed teacher gives the one-rank losses and teacher val CE under DDP and with
+    an FSDP-sharded teacher (the prefix keys/values are computed before sharding)."""
+    one = _rows(runs / "prompts_one")
+    t_one = [x for h in _result(runs / "prompts_one")["weight_history"] for x in h["teacher_loss"]]
+    t_plain = [x for h in _result(runs / "plain_short")["weight_history"] for x in h["teacher_loss"]]
+    assert len(t_one) == len(t_plain) > 0 and all(
+        abs(a - b) > 1e-6 for a, b in zip(t_one, t_plain)
+    )  # the prefixes change the teacher
+    for name in ("prompts_ddp", "prompts_sharded"):
+        other = _rows(runs / name)
+        _same_steps(one, other, (1, 2, 3, 4))
+        for s in (1, 2, 3, 4):
+            assert other[s]["kd"] == pytest.approx(one[s]["kd"], rel=1e-5), (name, s)
+        t_other = [x for h in _result(runs / name)["weight_history"] for x in h["teacher_loss"]]
+        assert t_other == pytest.approx(t_one, rel=1e-6), name
 
 
 def test_ranks_take_disjoint_slices_of_the_world_invariant_global_batch(tmp_path):

@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         from .writer import build_cache
 
         cfg = load_config(args.config, args.set)
+        if cfg.teacher_prompt.use:  # the cache would silently hold the plain teacher
+            raise ConfigError(
+                "teacher_prompt.use",
+                cfg.teacher_prompt.use,
+                "empty when writing a teacher cache (it caches the teacher without prefixes, and "
+                "[teacher_prompt] use is refused with [model] teacher_cache)",
+            )
         out = Path(args.out) if args.out else Path(cfg.data.cache_dir).parent / f"teacher_top{args.top_k}"
         build_cache(cfg, out, args.top_k, args.domains, args.epochs, args.logprob_dtype, args.shard_sequences)
         print(f"teacher cache: {out}")
