@@ -186,6 +186,8 @@ def _unused_sections(resolved: dict) -> list[str]:
     unused = []
     if resolved.get("hidden", {}).get("weight", 0) == 0:
         unused.append("hidden")
+    if not resolved.get("teacher_prompt", {}).get("use"):
+        unused.append("teacher_prompt")
     return unused
 
 
@@ -241,6 +243,22 @@ def static_weights(raw: dict) -> dict:
     return {**raw, "data": data}
 
 
+def searched_prompts(raw: dict, out: Path) -> Path:
+    """The teacher prompts of a comparison (``python -m ddk_fast.prompts`` once, shared by every arm and
+    seed: the teacher and the dev slices do not depend on the seed), keyed by what defines the search."""
+    from .config import build_config
+    from .prompts.__main__ import run_search
+
+    m = {k: v for k, v in raw.get("model", {}).items() if not k.startswith("student")}
+    inline_seed = raw.get("train", {}).get("seed", 0) if not m.get("teacher") else None
+    key = _hash([m, raw["data"], raw["teacher_prompt"], _teacher_identity(m.get("teacher", "")), inline_seed])
+    path = out / "prompts" / key / "prompts.json"
+    if not path.exists():
+        cfg = build_config(_merge(raw, {"output": {"progress": False}}))
+        run_search(cfg, path)
+    return path
+
+
 def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) -> dict:
     """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
     ``[compare.akd]`` table (AKD arms)."""
@@ -252,6 +270,8 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) 
     raw = _merge(raw, {"train": {"seed": seed}, "output": {"progress": False}})
     if arm == "static":
         raw = static_weights(raw)
+    if "teacher_prompt" in arm_overrides(arm, akd) and not raw["teacher_prompt"].get("use"):
+        raw = _merge(raw, {"teacher_prompt": {"use": str(searched_prompts(raw, out))}})
     key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
     run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
     raw = _merge(raw, {"output": {"dir": str(run_dir)}})

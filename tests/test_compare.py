@@ -119,3 +119,23 @@ def test_akd_arms_add_their_sections_and_need_them():
     raw.pop("compare")
     assert run_key(raw) == run_key({**raw, "hidden": {"weight": 0.0, "loss": "cosine"}})
     assert run_key(raw) != run_key({**raw, "hidden": {"weight": 0.5}})
+
+
+def test_akd_arms_run_with_one_shared_prompt_search(quick):
+    root, args, _ = quick
+    akd = [
+        "--set", "compare.akd.hidden.weight=0.5",
+        "--set", "compare.akd.teacher_prompt.budget=3",
+        "--set", "compare.akd.teacher_prompt.dev_sequences=2",
+        "--set", "compare.akd.teacher_prompt.max_prefix_tokens=32",
+    ]  # fmt: skip
+    assert main([*args, *akd, "--arms", "uniform,akd_hidden,akd_prompts", "--out", str(root / "akd")]) == 0
+    res = json.loads((root / "akd" / "results.json").read_text())
+    assert [r["arm"] for r in res["runs"]] == ["uniform", "akd_hidden", "akd_prompts"]
+    (prompts,) = (root / "out" / "prompts").glob("*/prompts.json")  # searched once, reused by the arm
+    (run,) = (root / "out" / "runs").glob("akd_prompts-s0-*")
+    assert str(prompts) in (run / "config.toml").read_text()
+    by = {r["arm"]: r for r in res["runs"]}
+    assert by["akd_hidden"]["test_ce"] != by["uniform"]["test_ce"]
+    report = (root / "akd" / "report.md").read_text()
+    assert "AKD arms, paired by seed" in report and "| akd_hidden − uniform |" in report
