@@ -59,6 +59,8 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
             "mix (the factor collapsed). With large student-teacher gaps use `[ddk] factor = "
             '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
         ]
+    if result.curriculum:
+        lines += ["", *_curriculum_table(result.curriculum)]
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
@@ -67,6 +69,23 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _curriculum_table(stages: list[dict]) -> list[str]:
+    lines = [
+        "Curriculum ([curriculum]): each stage adds domains (the earlier ones stay, with at least the replay "
+        "share of the mix); steps are metrics.jsonl rows.",
+        "",
+        "| stage | steps | domains active | T | kd_weight |",
+        "|---|---|---|---|---|",
+    ]
+    for s in stages:
+        t2 = " (T² scaled)" if s["scale_by_t2"] else ""
+        lines.append(
+            f"| {s['stage']} | {s['start'] + 1}-{s['end']} | {', '.join(s['active'] or [])} | "
+            f"{s['temperature']:.3g}{t2} | {s['kd_weight']:.3g} |"
+        )
+    return lines
 
 
 def _gap_following(history: list[dict], names: list[str]) -> str:
@@ -101,6 +120,11 @@ def _plot_weights(result: TrainResult, names: list[str], path: Path) -> None:
         for i, name in enumerate(names):
             ws = [h["weights"][i] for h in hist]
             ax.step(steps, ws + ws[-1:], where="post", label=name)
+    for s in result.curriculum[1:]:  # stage boundaries
+        ax.axvline(s["start"], color="gray", ls=":", lw=1)
+        ax.text(
+            s["start"], 1.0, f" stage {s['stage']}", fontsize=7, va="top", transform=ax.get_xaxis_transform()
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("sampling weight")
     ax.set_title("DDK domain weights")
