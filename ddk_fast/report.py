@@ -64,7 +64,7 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
-        lines.append(_gap_following(result.weight_history, names))
+        lines.append(_gap_following(result.weight_history, names, bool(result.curriculum)))
     lines += ["", "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
@@ -88,12 +88,14 @@ def _curriculum_table(stages: list[dict]) -> list[str]:
     return lines
 
 
-def _gap_following(history: list[dict], names: list[str]) -> str:
-    """Did each update give the most weight to the domain with the largest gap (student - teacher CE)?"""
+def _gap_following(history: list[dict], names: list[str], active_only: bool = False) -> str:
+    """Did each update give the most weight to the domain with the largest gap (student - teacher CE)?
+    ``active_only`` ([curriculum]): among the domains the update could weight (weight > 0)."""
     hits = 0
     for h in history:
         gaps = [s - t for s, t in zip(h["student_loss"], h["teacher_loss"])]
-        widest = max(range(len(gaps)), key=gaps.__getitem__)
+        ids = [i for i in range(len(gaps)) if not active_only or h["weights"][i] > 0]
+        widest = max(ids, key=gaps.__getitem__)
         hits += widest == max(range(len(gaps)), key=h["weights"].__getitem__)
     return (
         f"Weight updates that gave the largest weight to the domain with the largest gap: "
