@@ -101,7 +101,8 @@ BAD = [
     (
         "optimizer",
         {"lr": 1},
-        r"optimizer: expected a section \(checkpoint, data, ddk, hidden, loss, model, output, train\)",
+        r"optimizer: expected a section \(checkpoint, curriculum, data, ddk, hidden, loss, model, output, "
+        r"train\)",
     ),
 ]
 
