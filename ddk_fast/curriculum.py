@@ -182,6 +182,13 @@ def check_curriculum(cfg) -> None:
                 value,
                 f"at most {len(names)} stages, the number of domains (each stage adds one at least)",
             )
+    for i, st in enumerate(cur.stages):
+        if st.kd_weight == 0 and cfg.loss.ce_weight == 0:
+            raise ConfigError(
+                f"curriculum.stages[{i}].kd_weight",
+                st.kd_weight,
+                "> 0 with [loss] ce_weight = 0 (the loss is 0)",
+            )
     if cfg.ddk.mixing == "static":
         for i, dom in enumerate(cfg.data.domains):
             if dom.weight <= 0:

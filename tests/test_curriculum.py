@@ -433,13 +433,19 @@ def _stage(**kw):
         ),
         ({"stages": [_stage(temperature=200)]}, r"stages\[0\]\] temperature: expected .*100.0\], got 200"),
         ({"stages": [_stage(kd_weight=-0.5)]}, r"stages\[0\]\] kd_weight: expected -1 \(inherit.*got -0.5"),
+        (
+            {"stages": [_stage(kd_weight=0.0)], "ce_weight": 0.0},
+            r"stages\[0\]\] kd_weight: expected > 0 with",
+        ),
         ({"order": "random"}, r"\[curriculum\] order: expected one of .*got 'random'"),
         ({"stages": [_stage(step=3)]}, r"stages\[0\]\] step: expected no such key"),
     ],
 )
 def test_config_errors(assets, tmp_path, over, match):  # noqa: F811
     with pytest.raises(ConfigError, match=match):
-        make_cfg(assets, tmp_path, **{f"curriculum__{k}": v for k, v in over.items()})
+        over = dict(over)
+        loss = {"loss__ce_weight": over.pop("ce_weight")} if "ce_weight" in over else {}
+        make_cfg(assets, tmp_path, **loss, **{f"curriculum__{k}": v for k, v in over.items()})
 
 
 def test_static_mixing_needs_positive_weights_and_small_runs_refuse_more_stages(assets, tmp_path):  # noqa: F811
