@@ -59,43 +59,24 @@ def write_report(result: TrainResult, names: list[str], extra: dict | None = Non
             "mix (the factor collapsed). With large student-teacher gaps use `[ddk] factor = "
             '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
         ]
-    if result.curriculum:
-        lines += ["", *_curriculum_table(result.curriculum)]
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
-        lines.append(_gap_following(result.weight_history, names, bool(result.curriculum)))
+        lines.append(_gap_following(_updates_over_active(result), names))
+    if result.curriculum:
+        lines += ["", *_curriculum_table(result.curriculum)]
     lines += ["", "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
-def _curriculum_table(stages: list[dict]) -> list[str]:
-    lines = [
-        "Curriculum ([curriculum]): each stage adds domains (the earlier ones stay, with at least the replay "
-        "share of the mix); steps are metrics.jsonl rows.",
-        "",
-        "| stage | steps | domains active | T | kd_weight |",
-        "|---|---|---|---|---|",
-    ]
-    for s in stages:
-        t2 = " (T² scaled)" if s["scale_by_t2"] else ""
-        lines.append(
-            f"| {s['stage']} | {s['start'] + 1}-{s['end']} | {', '.join(s['active'] or [])} | "
-            f"{s['temperature']:.3g}{t2} | {s['kd_weight']:.3g} |"
-        )
-    return lines
-
-
-def _gap_following(history: list[dict], names: list[str], active_only: bool = False) -> str:
-    """Did each update give the most weight to the domain with the largest gap (student - teacher CE)?
-    ``active_only`` ([curriculum]): among the domains the update could weight (weight > 0)."""
+def _gap_following(history: list[dict], names: list[str]) -> str:
+    """Did each update give the most weight to the domain with the largest gap (student - teacher CE)?"""
     hits = 0
     for h in history:
         gaps = [s - t for s, t in zip(h["student_loss"], h["teacher_loss"])]
-        ids = [i for i in range(len(gaps)) if not active_only or h["weights"][i] > 0]
-        widest = max(ids, key=gaps.__getitem__)
+        widest = max(range(len(gaps)), key=gaps.__getitem__)
         hits += widest == max(range(len(gaps)), key=h["weights"].__getitem__)
     return (
         f"Weight updates that gave the largest weight to the domain with the largest gap: "
@@ -165,3 +146,32 @@ def _plot_losses(result: TrainResult, names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- [curriculum]
+def _curriculum_table(stages: list[dict]) -> list[str]:
+    lines = [
+        "Curriculum ([curriculum]): each stage adds domains (the earlier ones stay, with at least the replay "
+        "share of the mix); steps are metrics.jsonl rows.",
+        "",
+        "| stage | steps | domains active | T | kd_weight |",
+        "|---|---|---|---|---|",
+    ]
+    for s in stages:
+        t2 = " (T² scaled)" if s["scale_by_t2"] else ""
+        lines.append(
+            f"| {s['stage']} | {s['start'] + 1}-{s['end']} | {', '.join(s['active'] or [])} | "
+            f"{s['temperature']:.3g}{t2} | {s['kd_weight']:.3g} |"
+        )
+    return lines
+
+
+def _updates_over_active(result: TrainResult) -> list[dict]:
+    """The weight updates, with a curriculum's inactive domains (weight 0) out of the largest-gap question:
+    their gaps read as -inf (an update could not weight them)."""
+    if not result.curriculum:
+        return result.weight_history
+    return [
+        dict(h, student_loss=[s if w > 0 else float("-inf") for s, w in zip(h["student_loss"], h["weights"])])
+        for h in result.weight_history
+    ]
