@@ -188,6 +188,9 @@ def _unused_sections(resolved: dict) -> list[str]:
         unused.append("hidden")
     if not resolved.get("teacher_prompt", {}).get("use"):
         unused.append("teacher_prompt")
+    c = resolved.get("curriculum", {})
+    if c.get("preset", "none") == "none" and not c.get("stages") and not c.get("num_stages", 0):
+        unused.append("curriculum")
     return unused
 
 

@@ -31,7 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .config_akd import HiddenConfig, TeacherPromptConfig, akd_checks, akd_path_checks
+from .config_akd import CurriculumConfig, HiddenConfig, TeacherPromptConfig, akd_checks, akd_path_checks
 from .config_fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos, _pos_int, _unit
 
 
@@ -246,6 +246,7 @@ class RunConfig:
     ddk: DDKConfig = field(default_factory=DDKConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     hidden: HiddenConfig = field(default_factory=HiddenConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     teacher_prompt: TeacherPromptConfig = field(default_factory=TeacherPromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,5 +1,5 @@
-"""The AKD config sections (``[hidden]``, ``[teacher_prompt]``; see ``config.py`` for the format) and
-their cross-checks.
+"""The AKD config sections (``[hidden]``, ``[curriculum]``, ``[teacher_prompt]``; see ``config.py`` for the
+format) and their cross-checks.
 
 Kept apart from ``config.py`` so that section stays readable; :class:`~ddk_fast.config.RunConfig` holds them
 and :func:`~ddk_fast.config.build_config` calls :func:`akd_checks` before any model or data is touched.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .config_fields import _nonneg, _nonneg_int, _opt, _pos_int
+from .config_fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos_int
 from .errors import ConfigError
 
 
@@ -92,6 +92,74 @@ class TeacherPromptConfig:
     )
 
 
+INHERIT_TEMPERATURE = 0.0  # a stage's temperature = 0: the [loss] temperature
+INHERIT_KD_WEIGHT = -1.0  # a stage's kd_weight = -1: the [loss] kd_weight
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage (``[[curriculum.stages]]``): its length and the domains it adds."""
+
+    steps: int = _opt(0, "length of the stage in optimizer steps (set steps or fraction)", *_nonneg_int)
+    fraction: float = _opt(
+        0.0,
+        "length of the stage as a fraction of train.max_steps (rounded down; set steps or fraction)",
+        lambda v: 0 <= v <= 1,
+        "a number in [0, 1]",
+    )
+    domains: list[str] = _opt(
+        [],
+        "names of the [[data.domains]] this stage adds (stages are cumulative); empty in every stage = "
+        "ranked by [curriculum] order",
+    )
+    temperature: float = _opt(
+        INHERIT_TEMPERATURE,
+        "KD temperature T of this stage (0 = the [loss] temperature)",
+        lambda v: v == INHERIT_TEMPERATURE or TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+        f"0 (inherit [loss] temperature) or a number in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]",
+    )
+    kd_weight: float = _opt(
+        INHERIT_KD_WEIGHT,
+        "weight of the KD term in this stage (-1 = the [loss] kd_weight)",
+        lambda v: v == INHERIT_KD_WEIGHT or v >= 0,
+        "-1 (inherit [loss] kd_weight) or a number >= 0",
+    )
+
+
+@dataclass
+class CurriculumConfig:
+    """Progressive distillation: stages that add domains (easiest first), each with its own T / kd_weight."""
+
+    preset: Literal["none", "pocl"] = _opt(
+        "none",
+        "pocl: 4 equal stages, T = 1, 4/3, 5/3, 2 with T^2 scaling, domains ranked by `order` "
+        "(stages must be empty); none: the `stages` table or `num_stages` (neither = no curriculum)",
+    )
+    order: Literal["teacher_ce", "student_ce", "config"] = _opt(
+        "teacher_ce",
+        "ranking of the domains when no stage lists domains, easiest (lowest CE at step 0) first: the "
+        "teacher's or the initial student's validation CE, or the [[data.domains]] order",
+    )
+    num_stages: int = _opt(
+        0, "equal-length stages over the ranked domains, without a `stages` table (0 = off)", *_nonneg_int
+    )
+    replay: float = _opt(
+        0.2,
+        "while stage s > 1 is active, the domains added by stages 1..s-1 together get at least this "
+        "share of the sampling weight",
+        lambda v: 0 <= v < 1,
+        "a number in [0, 1)",
+    )
+    stages: list[StageConfig] = _opt(
+        [],
+        "the stages, as [[curriculum.stages]] tables (the last one runs to train.max_steps)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.preset != "none" or bool(self.stages) or self.num_stages > 0
+
+
 def akd_checks(cfg) -> None:
     """Checks across AKD keys (and the rest of the run): ConfigError naming the key and value."""
     h, m = cfg.hidden, cfg.model
@@ -115,6 +183,10 @@ def akd_checks(cfg) -> None:
             "empty with [model] teacher_cache (the cache holds the plain teacher's top-k; write the cache "
             "without prefixes, or train online)",
         )
+    if cfg.curriculum.enabled:
+        from .curriculum import check_curriculum
+
+        check_curriculum(cfg)
 
 
 def akd_path_checks(cfg) -> None:

@@ -196,6 +196,12 @@ class DomainMixer:
             new = self.initial()
         else:
             new = cap_weights(self._factor(student_losses, teacher_losses), self.max_weight).tolist()
+        return self.record(step, new, student_losses, teacher_losses)
+
+    def record(self, step: int, weights, student_losses, teacher_losses) -> list[float]:
+        """Make ``weights`` the current ones and add them to ``history`` (``update`` and the curriculum's
+        weights over the active domains, :meth:`ddk_fast.curriculum.Curriculum.weights`, end here)."""
+        new = list(weights)
         self.weights = new
         self.history.append(
             {

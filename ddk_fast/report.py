@@ -67,7 +67,9 @@ def write_report(
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
-        lines.append(_gap_following(result.weight_history, names))
+        lines.append(_gap_following(_updates_over_active(result), names))
+    if result.curriculum:
+        lines += ["", *_curriculum_table(result.curriculum)]
     if prompts is not None:
         lines += _prompts_table(prompts, names)
     lines += ["", "![domain weights](domain_weights.png)", "", "![domain losses](domain_losses.png)", ""]
@@ -165,6 +167,11 @@ def _plot_weights(result: TrainResult, names: list[str], path: Path) -> None:
         for i, name in enumerate(names):
             ws = [h["weights"][i] for h in hist]
             ax.step(steps, ws + ws[-1:], where="post", label=name)
+    for s in result.curriculum[1:]:  # stage boundaries
+        ax.axvline(s["start"], color="gray", ls=":", lw=1)
+        ax.text(
+            s["start"], 1.0, f" stage {s['stage']}", fontsize=7, va="top", transform=ax.get_xaxis_transform()
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("sampling weight")
     ax.set_title("DDK domain weights")
@@ -203,3 +210,32 @@ def _plot_losses(result: TrainResult, names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- [curriculum]
+def _curriculum_table(stages: list[dict]) -> list[str]:
+    lines = [
+        "Curriculum ([curriculum]): each stage adds domains (the earlier ones stay, with at least the replay "
+        "share of the mix); steps are metrics.jsonl rows.",
+        "",
+        "| stage | steps | domains active | T | kd_weight |",
+        "|---|---|---|---|---|",
+    ]
+    for s in stages:
+        t2 = " (T² scaled)" if s["scale_by_t2"] else ""
+        lines.append(
+            f"| {s['stage']} | {s['start'] + 1}-{s['end']} | {', '.join(s['active'] or [])} | "
+            f"{s['temperature']:.3g}{t2} | {s['kd_weight']:.3g} |"
+        )
+    return lines
+
+
+def _updates_over_active(result: TrainResult) -> list[dict]:
+    """The weight updates, with a curriculum's inactive domains (weight 0) out of the largest-gap question:
+    their gaps read as -inf (an update could not weight them)."""
+    if not result.curriculum:
+        return result.weight_history
+    return [
+        dict(h, student_loss=[s if w > 0 else float("-inf") for s, w in zip(h["student_loss"], h["weights"])])
+        for h in result.weight_history
+    ]

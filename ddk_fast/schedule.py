@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from .config import RunConfig
+from .curriculum import Curriculum
 from .ddk import COLLAPSE_WEIGHT, DomainMixer
 from .distributed import ParallelContext
 from .evaluation import ScoreFn, sharded_domain_losses
@@ -67,6 +68,8 @@ class DomainSchedule:
             world_size=ctx.world_size,
             backend=d.sampler_backend,
         )
+        # [curriculum]: the stages (enabled False: none, and the weights are the mixer's over every domain)
+        self.curriculum = Curriculum(cfg, self.names)
         self.teacher_losses: list[float] | None = None
         self.eval_history: list[dict] = []
         # the teacher's non-finite checks: its validation losses here, its training forwards in the loop
@@ -118,12 +121,23 @@ class DomainSchedule:
         return student
 
     def due(self, step: int) -> bool:
-        """A DDK update is due at every multiple of K not yet done (a resumed run may have done it)."""
-        return step % self.cfg.ddk.interval == 0 and not any(h["step"] == step for h in self.mixer.history)
+        """A DDK update is due at every multiple of K, and at every curriculum stage start, not yet done (a
+        resumed run may have done it)."""
+        at = step % self.cfg.ddk.interval == 0 or self.curriculum.is_boundary(step)
+        return at and not any(h["step"] == step for h in self.mixer.history)
 
     def update(self, step: int, models) -> list[float]:
         student = self.evaluate(step, models)
-        weights = self.mixer.update(step, student, self.teacher_losses)
+        cur = self.curriculum
+        if not cur.enabled:
+            weights = self.mixer.update(step, student, self.teacher_losses)
+        else:  # over the active domains only (inactive: exactly 0), then the replay floor
+            if cur.needs_ranking:  # at step 0: easiest (lowest CE) first
+                order = cur.rank(self.teacher_losses, student)
+                log.info(
+                    "curriculum: domains ranked by %s: %s", cur.order, ", ".join(self.names[i] for i in order)
+                )
+            weights = cur.weights(self.mixer, step, student, self.teacher_losses)
         if self.ctx.distributed:  # derived from all-reduced sums: must agree to the last bit
             seen = self.ctx.all_gather_object([float(w) for w in weights])
             if any(s != seen[0] for s in seen):
@@ -132,7 +146,7 @@ class DomainSchedule:
         log.info(
             "step %d domain weights: %s", step, ", ".join(f"{n} {w:.3f}" for n, w in zip(self.names, weights))
         )
-        if self.mixer.collapsed:
+        if self.mixer.collapsed and cur.num_active(step) > 1:
             top = max(range(len(weights)), key=weights.__getitem__)
             log.warning(
                 "step %d: the DDK factor collapsed onto domain %s (weight %.3f > %.1f): the next %d steps "
@@ -155,7 +169,10 @@ class DomainSchedule:
         return student, teacher
 
     def collapsed_updates(self) -> int:
-        return sum(len(h["weights"]) > 1 and max(h["weights"]) > COLLAPSE_WEIGHT for h in self.mixer.history)
+        n_active = self.curriculum.num_active
+        return sum(
+            n_active(h["step"]) > 1 and max(h["weights"]) > COLLAPSE_WEIGHT for h in self.mixer.history
+        )
 
     # -- accounting and state ---------------------------------------------------------------------
     def tokens_per_domain(self) -> list[int]:
@@ -172,12 +189,15 @@ class DomainSchedule:
         """Sampler state with the global per-domain counters (a collective when distributed)."""
         sampler = self.sampler.state_dict()
         sampler["sequences_per_domain"] = [x // self.cfg.data.seq_len for x in self.tokens_per_domain()]
-        return {
+        state = {
             "sampler": sampler,
             "mixer": self.mixer.state_dict(),
             "eval_history": self.eval_history,
             "teacher_losses": self.teacher_losses,
         }
+        if self.curriculum.enabled:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Resume, also under another world size: the sampler state is global; rank 0 takes the counters."""
@@ -188,3 +208,9 @@ class DomainSchedule:
         self.mixer.load_state_dict(state["mixer"])
         self.eval_history = state["eval_history"]
         self.teacher_losses = state["teacher_losses"]
+        if self.curriculum.enabled:
+            if "curriculum" not in state:
+                raise KeyError("no [curriculum] state in the checkpoint (written without [curriculum])")
+            self.curriculum.load_state_dict(state["curriculum"])
+        elif "curriculum" in state:
+            raise ValueError("the checkpoint was written with [curriculum] stages, this config has none")

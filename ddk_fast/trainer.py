@@ -65,6 +65,8 @@ class TrainResult:
     test_losses: list[float] = field(default_factory=list)
     teacher_test_losses: list[float] = field(default_factory=list)
     collapsed_updates: int = 0
+    # [curriculum]: one dict per stage (stage, start, end, domains, active, temperature, kd_weight, ...)
+    curriculum: list[dict] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,6 +147,7 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.bad_total = 0
+        self.stage = None  # [curriculum]: the stage being trained (its loss config is the objective's)
         self.metrics = (
             MetricsWriter(self.run_dir, cfg.output.tensorboard, self.names) if ctx.is_main else None
         )
@@ -386,6 +389,7 @@ class Trainer:
                     batches.close()
                     self.update_weights()
                     batches = self._batches()
+                self._enter_stage()
                 stats = self.train_step(batches)
                 if stats is None:
                     self._skipped()
@@ -405,6 +409,10 @@ class Trainer:
                         weights=list(self.sampler.weights),
                         bad_steps=self.bad_total,
                     )
+                    if self.stage is not None:
+                        row.update(
+                            self.schedule.curriculum.metrics(self.stage, self.models.objective.loss_cfg)
+                        )
                     t_log, steps_since_log = now, 0
                     if self.metrics is not None:
                         self.metrics.write(row)
@@ -413,6 +421,7 @@ class Trainer:
                         f"loss {row['loss']:.3f} ce {row['ce']:.3f} kd {row['kd']:.3f} {hid}"
                         f"{row['tokens_per_s']:,.0f} tok/s "
                         f"w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]"
+                        + (f" stage {row['stage']} T={row['temperature']:.2f}" if "stage" in row else "")
                     )
                 if self.step % c.checkpoint.every == 0 and self.step < t.max_steps:
                     self.save()
@@ -442,6 +451,32 @@ class Trainer:
             test_losses=test_losses,
             teacher_test_losses=teacher_test,
             collapsed_updates=self.schedule.collapsed_updates(),
+            curriculum=self.schedule.curriculum.table(c.loss) if self.schedule.curriculum.enabled else [],
+        )
+
+    def _enter_stage(self) -> None:
+        """[curriculum]: at a stage change (and on the first step of a run or a resume) give the objective
+        the stage's loss config; every rank derives the same stage from the step."""
+        cur = self.schedule.curriculum
+        if not cur.enabled:
+            return
+        stage = cur.stage_at(self.step)
+        if stage is self.stage:
+            return
+        self.stage = stage
+        loss = cur.loss_config(stage, self.cfg.loss)
+        self.models.objective.loss_cfg = loss
+        log.info(
+            "step %d: curriculum stage %d/%d (steps %d-%d): domains %s; T %g, kd_weight %g%s",
+            self.step,
+            stage.index,
+            len(cur.stages),
+            stage.start + 1,
+            stage.end,
+            ", ".join(self.names[i] for i in cur.active(stage)),
+            loss.temperature,
+            loss.kd_weight,
+            ", T^2 scaling" if loss.scale_by_t2 else "",
         )
 
     def _skipped(self) -> None:

@@ -119,6 +119,8 @@ def test_akd_arms_add_their_sections_and_need_them():
     raw.pop("compare")
     assert run_key(raw) == run_key({**raw, "hidden": {"weight": 0.0, "loss": "cosine"}})
     assert run_key(raw) != run_key({**raw, "hidden": {"weight": 0.5}})
+    assert run_key(raw) == run_key({**raw, "curriculum": {"replay": 0.5}, "teacher_prompt": {"budget": 3}})
+    assert run_key(raw) != run_key({**raw, "curriculum": {"preset": "pocl"}})
 
 
 def test_akd_arms_run_with_one_shared_prompt_search(quick):

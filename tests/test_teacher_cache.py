@@ -198,7 +198,7 @@ def _cached_cfg(assets, built, run_dir, **over):
     raw["data"]["prefetch"] = 2
     for key, value in over.items():
         section, name = key.split("__")
-        raw[section][name] = value
+        raw.setdefault(section, {})[name] = value
     return build_config(raw)
 
 
@@ -237,6 +237,32 @@ def test_train_from_cache_never_runs_the_teacher_and_resumes_exactly(assets, bui
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
     for n, p in t2.student.named_parameters():
         assert torch.allclose(p, ref_params[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_curriculum_from_cache_ranks_by_the_cached_teacher_ce_and_tempers_the_sparse_loss(
+    assets, built, tmp_path, monkeypatch
+):
+    from ddk_fast import objective
+    from ddk_fast.trainer import Trainer
+
+    temps = []
+    real = objective.fused_linear_kd_loss_topk
+
+    def spy(*args, **kw):
+        temps.append(kw["temperature"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(objective, "fused_linear_kd_loss_topk", spy)
+    stages = [{"steps": 3, "temperature": 2.0}, {"steps": 3}]
+    t = Trainer(_cached_cfg(assets, built, tmp_path / "cur", curriculum__stages=stages))
+    t.setup()
+    t.fit()
+    teacher = TeacherCache(built[1]).teacher_val_ce(t.names)
+    order = sorted(range(3), key=lambda i: (teacher[i], i))
+    assert [s.domains for s in t.schedule.curriculum.stages] == [order[:2], order[2:]]
+    rows = _rows(tmp_path / "cur")
+    assert [r["temperature"] for r in rows] == [2.0] * 3 + [1.0] * 3 and temps == [2.0] * 3 + [1.0] * 3
+    assert all(r["domain_tokens"][order[2]] == 0 for r in rows[:3]) and rows[3]["domain_tokens"][order[2]] > 0
 
 
 def test_training_refuses_a_cache_of_another_seq_len(assets, built, tmp_path, capsys):
