@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-cached compare compare-quick test bench lint ext clean
+.PHONY: setup demo demo-cached compare compare-akd compare-quick akd test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,14 @@ compare: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --out bench/results/compare/paper-like --work runs/compare-paper-like
 	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --out bench/results/compare/large-gap --work runs/compare-large-gap
+
+# AKD's parts (hidden states, POCL curriculum, teacher prompts) alone and together, with and without DDK,
+# against the uniform and ddk runs of `make compare` (reused when finished).
+AKD_ARMS := uniform,ddk,akd_hidden,akd_curriculum,akd_prompts,akd,akd_ddk
+compare-akd: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --arms $(AKD_ARMS) --out bench/results/compare/paper-like-akd --work runs/compare-paper-like
+	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --arms $(AKD_ARMS) --out bench/results/compare/large-gap-akd --work runs/compare-large-gap
 
 compare-quick: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
