@@ -37,6 +37,13 @@ demo: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --overwrite
 
+# AKD on the demo (examples/akd.toml): the teacher prompt search, then training with hidden states, a
+# curriculum and the prompts on top of DDK.
+akd: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.prompts --config examples/akd.toml
+	$(BIN)/python -m ddk_fast.train --config examples/akd.toml --overwrite
+
 # "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
 compare: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
