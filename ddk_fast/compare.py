@@ -304,6 +304,7 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) 
         "weights": [[h["step"], *h["weights"]] for h in result.weight_history],
         "wall_seconds": round(result.wall_seconds, 1),
         "settings_hash": key,
+        "teacher_prompts": cfg.teacher_prompt.use,  # its teacher CE is the prefixed teacher's
     }
     done.write_text(json.dumps(row) + "\n")
     return row
@@ -357,7 +358,9 @@ def summarise(
      "runs": [{"arm", "seed", "tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights",
                "weight_oscillation", ...}], "references": [{"arm": "untrained", ...}]}
     """
-    teacher = rows[0]["teacher_test_ce"] if rows else refs[0]["teacher_test_ce"]
+    # every gap is taken against the plain teacher (arms with teacher prompts measure a prefixed one)
+    plain = [r for r in rows if not r.get("teacher_prompts")] + refs
+    teacher = plain[0]["teacher_test_ce"]
     return {
         "setting": setting,
         "seeds": seeds,

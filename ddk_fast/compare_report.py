@@ -119,7 +119,8 @@ def write_compare_report(results: dict, out: Path) -> Path:
         f"- command: `{s['command']}`",
         "- every arm starts from the same student initialisation per seed and trains on the same number of "
         "tokens; CE is measured on the **test** split (whole documents held out, never used by DDK); "
-        "gap = student − teacher test CE (nats/token), mean gap weighted by test tokens, worst = largest.",
+        "gap = student − teacher test CE (nats/token; the plain teacher's, also for arms whose teacher "
+        "sees prompts), mean gap weighted by test tokens, worst = largest.",
         "",
         "| arm | mean gap (mean ± std) | worst gap (mean ± std) | "
         + " | ".join(f"{d} gap" for d in domains)

@@ -130,14 +130,24 @@ def test_akd_arms_run_with_one_shared_prompt_search(quick):
         "--set", "compare.akd.teacher_prompt.budget=3",
         "--set", "compare.akd.teacher_prompt.dev_sequences=2",
         "--set", "compare.akd.teacher_prompt.max_prefix_tokens=32",
+        "--set", 'compare.akd.curriculum.preset="none"', "--set", "compare.akd.curriculum.num_stages=2",
     ]  # fmt: skip
-    assert main([*args, *akd, "--arms", "uniform,akd_hidden,akd_prompts", "--out", str(root / "akd")]) == 0
+    assert (
+        main([*args, *akd, "--arms", "akd_prompts,uniform,akd_hidden,akd_ddk", "--out", str(root / "akd")])
+        == 0
+    )
     res = json.loads((root / "akd" / "results.json").read_text())
-    assert [r["arm"] for r in res["runs"]] == ["uniform", "akd_hidden", "akd_prompts"]
+    assert [r["arm"] for r in res["runs"]] == ["akd_prompts", "uniform", "akd_hidden", "akd_ddk"]
     (prompts,) = (root / "out" / "prompts").glob("*/prompts.json")  # searched once, reused by the arm
-    (run,) = (root / "out" / "runs").glob("akd_prompts-s0-*")
-    assert str(prompts) in (run / "config.toml").read_text()
+    for arm in ("akd_prompts", "akd_ddk"):
+        (run,) = (root / "out" / "runs").glob(f"{arm}-s0-*")
+        assert str(prompts) in (run / "config.toml").read_text()
+    ddk = {r["arm"]: r["weights"] for r in res["runs"]}["akd_ddk"]
+    assert ddk[0][1:].count(0.0) >= 2  # stage 1 of 2: the harder domains are not drawn yet
     by = {r["arm"]: r for r in res["runs"]}
     assert by["akd_hidden"]["test_ce"] != by["uniform"]["test_ce"]
+    # gaps are against the plain teacher, whichever arm comes first
+    assert by["akd_prompts"]["teacher_prompts"] == str(prompts) and not by["uniform"]["teacher_prompts"]
+    assert res["teacher_test_ce"] == by["uniform"]["teacher_test_ce"]
     report = (root / "akd" / "report.md").read_text()
     assert "AKD arms, paired by seed" in report and "| akd_hidden − uniform |" in report
