@@ -153,6 +153,7 @@ def _build_runs(tmp: Path) -> Path:
             {"cfg": _hidden(c("hidden_one", mode="lora", steps=4, every=2)), "out": r("hidden_one")},
             {"cfg": c("plain_short", steps=4, every=2), "out": r("plain_short")},
             {"cfg": prompted("prompts_one"), "out": r("prompts_one")},
+            {"cfg": _curriculum(c("curriculum_one", steps=6, every=6)), "out": r("curriculum_one")},
         ],
         1,
     )
@@ -179,6 +180,7 @@ def _build_runs(tmp: Path) -> Path:
                 "out": r("hidden_fsdp"),
             },
             {"cfg": prompted("prompts_ddp"), "out": r("prompts_ddp")},
+            {"cfg": _curriculum(c("curriculum_ddp", steps=6, every=6)), "out": r("curriculum_ddp")},
             {
                 "cfg": _shard_teacher(prompted("prompts_sharded", parallel="fsdp")),
                 "out": r("prompts_sharded"),
@@ -220,6 +222,11 @@ def _hidden(raw: dict) -> dict:
     model = {k: v for k, v in raw["model"].items() if k != "student_from_teacher_layers"}
     model["student_config"] = llama_config(VOCAB + 16, layers=2, hidden=32)
     return {**raw, "model": model, "hidden": {"weight": 1.0}}
+
+
+def _curriculum(raw: dict) -> dict:
+    """[curriculum]: two ranked stages of 3 steps (the first without the hardest domains)."""
+    return {**raw, "curriculum": {"num_stages": 2, "order": "teacher_ce"}}
 
 
 def _prompts_file(raw: dict, out: Path) -> str:
@@ -462,3 +469,22 @@ def test_an_error_on_rank_0_is_rebuilt_with_its_type_and_message_for_the_other_r
     e = _rebuild(CheckpointWriteError, "disk full while writing checkpoint step_00000002")
     assert isinstance(e, RunError) and isinstance(e, OSError) and str(e).startswith("disk full")
     assert ParallelContext().main_only(lambda: 5) == 5  # one process: just the call
+
+
+def test_curriculum_under_ddp_matches_one_rank(runs):
+    """[curriculum]: every rank derives the same stage and weights (from the step and the all-reduced
+    validation sums): the stage switches, zero weights and global batches are the one-rank run's."""
+    one, two = _rows(runs / "curriculum_one"), _rows(runs / "curriculum_ddp")
+    _same_steps(one, two, range(1, 7))
+    assert (
+        [one[s]["stage"] for s in range(1, 7)] == [two[s]["stage"] for s in range(1, 7)] == [1] * 3 + [2] * 3
+    )
+    h1 = _result(runs / "curriculum_one")["weight_history"]
+    h2 = [_result(runs / "curriculum_ddp", r)["weight_history"] for r in (0, 1)]
+    assert h2[0] == h2[1]  # bit-identical on every rank
+    assert [h["step"] for h in h1] == [h["step"] for h in h2[0]] == [0, 3, 5]  # stage start, then K
+    inactive = [i for i, w in enumerate(h1[0]["weights"]) if w == 0.0]
+    assert inactive and [i for i, w in enumerate(h2[0][0]["weights"]) if w == 0.0] == inactive
+    assert all(one[s]["domain_tokens"][i] == 0 for s in (1, 2, 3) for i in inactive)
+    for a, b in zip(h1, h2[0]):
+        np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6)
