@@ -85,19 +85,14 @@ class DistillObjective(nn.Module):
         self.last_hidden = (h.detach(), domain_sums)
         return out._replace(loss=out.loss + self.hidden.weight * h.to(out.loss.dtype))
 
-    def _kd_loss(self, s_hidden, labels, domain_ids, teacher_hidden, teacher_weight):
+    def _loss_kwargs(self, labels, domain_ids) -> dict:
+        """The arguments both losses take from the batch and the (current stage's) loss config."""
         L = self.loss_cfg
-        return fused_linear_kd_loss(
-            s_hidden.reshape(-1, s_hidden.shape[-1]),
-            head_weight(self.student),
-            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-            teacher_weight,
+        return dict(
             labels=labels.reshape(-1),
             domain_ids=domain_ids,
             num_domains=self.num_domains,
             divergence=L.divergence,
-            beta=L.beta,
-            skew_lambda=L.skew_lambda,
             temperature=L.temperature,
             kd_weight=L.kd_weight,
             ce_weight=L.ce_weight,
@@ -105,23 +100,25 @@ class DistillObjective(nn.Module):
             backend=self.backend,
         )
 
+    def _kd_loss(self, s_hidden, labels, domain_ids, teacher_hidden, teacher_weight):
+        return fused_linear_kd_loss(
+            s_hidden.reshape(-1, s_hidden.shape[-1]),
+            head_weight(self.student),
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_weight,
+            beta=self.loss_cfg.beta,
+            skew_lambda=self.loss_cfg.skew_lambda,
+            **self._loss_kwargs(labels, domain_ids),
+        )
+
     def _sparse_teacher_loss(self, s_hidden, labels, domain_ids, topk_ids, topk_logprobs, tail_logmass):
         """The loss against cached teacher rows: top-k ids and log-probs ``[B, L, k]``, tail ``[B, L]``."""
         k = topk_ids.shape[-1]
-        L = self.loss_cfg
         return fused_linear_kd_loss_topk(
             s_hidden.reshape(-1, s_hidden.shape[-1]),
             head_weight(self.student),
             topk_ids.reshape(-1, k),
             topk_logprobs.reshape(-1, k),
             tail_logmass.reshape(-1),
-            labels=labels.reshape(-1),
-            domain_ids=domain_ids,
-            num_domains=self.num_domains,
-            divergence=L.divergence,
-            temperature=L.temperature,
-            kd_weight=L.kd_weight,
-            ce_weight=L.ce_weight,
-            scale_by_t2=L.scale_by_t2,
-            backend=self.backend,
+            **self._loss_kwargs(labels, domain_ids),
         )
