@@ -71,6 +71,7 @@ demo-cached: setup
 
 test: setup
 	$(BIN)/ruff check ddk_fast tests bench
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest tests -q --durations=10
 	$(BIN)/python -m pytest bench -q --benchmark-disable
 
@@ -79,6 +80,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check ddk_fast tests bench
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check ddk_fast tests bench
 
 clean:

@@ -38,7 +38,7 @@ def child(tree: str, work: str) -> None:
     import torch
 
     from ddk_fast.config import build_config
-    from ddk_fast.trainer import Trainer
+    from ddk_fast.training.trainer import Trainer
     from tests.tiny import VOCAB, domain_texts, llama_config, make_tokenizer, write_domains
 
     torch.set_num_threads(int(os.environ.get("DDK_BENCH_THREADS", "1")))

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddk_fast.models import final_hidden  # noqa: E402
+from ddk_fast.models.loading import final_hidden  # noqa: E402
 from ddk_fast.prompts import TeacherPrompts  # noqa: E402
 
 

@@ -1,20 +1,24 @@
-"""Offline teacher: training step time and memory from a teacher cache vs the online teacher, and cache size.
+"""Offline teacher: training step time and memory online vs from a top-k cache vs from a hidden-state cache,
+and each cache's bytes per token.
 
-Workload: the demo's tiny assets (``python -m ddk_fast.demo --tiny``: a 4-layer Llama teacher, hidden 64,
-vocab 512; the student is its layers 0 and 3, QLoRA), the demo's run settings (seq_len 128, batch 8), on CPU.
-Providers, side by side in one run:
+Workload: the demo (``examples/demo.toml``'s run settings: seq_len 128, batch 8, QLoRA student cut from the
+teacher's layers 0 and 3, DDK) on CPU. Assets: ``DDK_BENCH_DEMO_DIR`` (e.g. ``.cache/demo``, built by ``python
+-m ddk_fast.demo``: the demo's 4-layer teacher) or, unset, the tiny demo assets built here (``--tiny``: hidden
+64, vocab 512). Providers, side by side in one run:
 
-* ``online``: :class:`~ddk_fast.trainer.Trainer` as usual: teacher forward + student forward/backward +
-  the dense fused KD loss;
-* ``cached_k{16,64,256}``: the same trainer with ``[model] teacher_cache`` (top-k cache written by
-  ``ddk_fast.teacher_cache``): student forward/backward + the sparse-teacher loss, the cached rows read by the
-  sampler.
+* ``online``: :class:`~ddk_fast.training.trainer.Trainer` as usual: teacher forward + student forward/backward
+  + the dense fused KD loss;
+* ``topk_k{16,64,256}``: a top-k cache (``--kind topk``): student forward/backward + the sparse-teacher loss,
+  the cached rows read by the sampler;
+* ``hidden_{bfloat16,float32}``: a hidden-state cache (``--kind hidden``): student forward/backward + the
+  dense fused loss on the cached hidden states and ``lm_head`` (float32: the online losses).
 
 Rows (``bench/results/teacher_cache.jsonl``): per step median/IQR (one optimizer step of one micro-batch),
-``step_ratio`` = median / online median (same run), peak extra RSS of one step (fresh subprocess), and per k
-the cache's bytes on disk per million cached tokens and the writer's teacher tokens/s.
+``step_ratio`` = median / online median (same run), peak extra RSS of one step (fresh subprocess); rows of
+``teacher_cache_size.jsonl``: each cache's bytes on disk per cached token and the writer's teacher tokens/s.
 
-    DDK_BENCH_RESULTS=bench/results .venv/bin/pytest bench/bench_teacher_cache.py --benchmark-only -q -s
+    DDK_BENCH_DEMO_DIR=.cache/demo DDK_BENCH_RESULTS=bench/results OMP_NUM_THREADS=1 \
+        .venv/bin/pytest bench/bench_teacher_cache.py --benchmark-only -q -s
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ import pytest
 
 from bench.harness import REPO, peak_memory_subprocess, record, time_fn
 
-TOP_KS = (16, 64, 256)
-PROVIDERS = ["online"] + [f"cached_k{k}" for k in TOP_KS]
+CACHES = {"topk_k16": ("topk", 16, "bfloat16"), "topk_k64": ("topk", 64, "bfloat16"),
+          "topk_k256": ("topk", 256, "bfloat16"), "hidden_bfloat16": ("hidden", 0, "bfloat16"),
+          "hidden_float32": ("hidden", 0, "float32")}  # fmt: skip
+SMOKE = ("topk_k16", "hidden_bfloat16")  # the CI smoke run builds these two
+PROVIDERS = ["online", *CACHES]
 ROUNDS = 12
-# the tiny corpus is a few thousand tokens per domain: cache enough passes for every step of the run
-EPOCHS = 6
+STEPS = 40  # the cache covers a run of this many steps (--epochs auto); the timed steps are fewer
 _MEDIANS: dict[str, float] = {}
 
 
 def _assets(root: Path) -> Path:
+    if os.environ.get("DDK_BENCH_DEMO_DIR"):
+        return Path(os.environ["DDK_BENCH_DEMO_DIR"]).resolve()
     out = root / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ddk_fast.demo", "--tiny", "--out", str(out), "--no-progress"]
@@ -59,13 +67,15 @@ def make_config(assets: str, run_dir: str, cache: str = ""):
         dom["files"] = [str(a / "corpus" / Path(f).name) for f in dom["files"]]
     raw["output"] = {"dir": run_dir, "progress": False, "tensorboard": False}
     raw["train"]["device"] = "cpu"
+    raw["train"]["max_steps"] = STEPS
+    raw["train"]["warmup_steps"] = 2
     raw["data"]["prefetch"] = 2
     return build_config(raw)
 
 
 def make_step(assets: str, run_dir: str, cache: str = ""):
     """A zero-argument callable doing one optimizer step (the factory of the subprocess measurement)."""
-    from ddk_fast.trainer import Trainer
+    from ddk_fast.training.trainer import Trainer
 
     t = Trainer(make_config(assets, run_dir, cache))
     t.setup()
@@ -79,24 +89,27 @@ def workspace(tmp_path_factory, pytestconfig):
     root = tmp_path_factory.mktemp("teacher_cache_bench")
     assets = _assets(root)
     caches = {}
-    from ddk_fast.teacher_cache.writer import build_cache
+    from ddk_fast.teacher_cache.writer import CacheOptions, build_cache
 
-    smoke = bool(pytestconfig.getoption("benchmark_disable"))  # CI smoke run: one small cache
-    for k in TOP_KS[:1] if smoke else TOP_KS:
-        out = root / f"cache_k{k}"
+    smoke = bool(pytestconfig.getoption("benchmark_disable"))  # CI smoke run: two small caches
+    for name, (kind, k, dtype) in CACHES.items():
+        if smoke and name not in SMOKE:
+            continue
+        out = root / f"cache_{name}"
         cfg = make_config(str(assets), str(root / "writer"))
         t0 = time.perf_counter()
-        m = build_cache(cfg, out, k, epochs=EPOCHS)
+        m = build_cache(cfg, out, CacheOptions(kind=kind, top_k=k or 64, dtype=dtype))
         wall = time.perf_counter() - t0
         tokens = sum(d["sequences"] for d in m["domains"].values()) * m["seq_len"]
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        caches[k] = out
+        caches[name] = out
         if smoke:
             continue
         record(
             "teacher_cache_size",
-            {"top_k": k, "tokens": tokens, "bytes": size, "mb_per_million_tokens": size / tokens,
-             "writer_seconds": wall, "writer_tokens_per_s": tokens / wall, "median_ms": 0.0},
+            {"cache": name, "kind": kind, "top_k": k, "dtype": dtype, "tokens": tokens, "bytes": size,
+             "bytes_per_token": size / tokens, "hidden_size": m.get("hidden_size"), "writer_seconds": wall,
+             "writer_tokens_per_s": tokens / wall, "median_ms": 0.0},
         )  # fmt: skip
     return root, assets, caches
 
@@ -104,10 +117,9 @@ def workspace(tmp_path_factory, pytestconfig):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_step_time_and_memory(benchmark, workspace, provider):
     root, assets, caches = workspace
-    k = 0 if provider == "online" else int(provider.split("_k")[1])
-    if k and k not in caches:
-        pytest.skip(f"smoke run (--benchmark-disable): only k = {min(caches)} is built")
-    cache = str(caches[k]) if k else ""
+    if provider != "online" and provider not in caches:
+        pytest.skip(f"smoke run (--benchmark-disable): only {', '.join(caches)} are built")
+    cache = str(caches[provider]) if provider != "online" else ""
     run_dir = str(root / f"run_{provider}")
     step = make_step(str(assets), run_dir, cache)
     t = time_fn(benchmark, step, rounds=ROUNDS, warmup=2)

@@ -198,9 +198,22 @@ class DomainMixer:
             new = cap_weights(self._factor(student_losses, teacher_losses), self.max_weight).tolist()
         return self.record(step, new, student_losses, teacher_losses)
 
+    def weight_bounds(self) -> list[float]:
+        """The largest weight each domain can get from any update, whatever the losses (what a teacher cache
+        must cover): uniform 1/N; static its proportion; DDK 1 with the paper factor (Eq. 1's r_0 has no
+        floor), else α + (1 − α)/N (every other domain keeps its floor (1 − α)/N); then ``max_weight``."""
+        n = self.num_domains
+        if self.mode == "uniform":
+            return [1.0 / n] * n
+        if self.mode == "static":
+            return self.initial()
+        top = 1.0 if self.factor == "paper" else self.alpha + (1.0 - self.alpha) / n
+        return [min(top, max(self.max_weight, 1.0 / n))] * n
+
     def record(self, step: int, weights, student_losses, teacher_losses) -> list[float]:
         """Make ``weights`` the current ones and add them to ``history`` (``update`` and the curriculum's
-        weights over the active domains, :meth:`ddk_fast.curriculum.Curriculum.weights`, end here)."""
+        weights over the active domains, :meth:`~ddk_fast.training.curriculum.Curriculum.weights`, end
+        here)."""
         new = list(weights)
         self.weights = new
         self.history.append(

@@ -195,10 +195,10 @@ def init_parallel(parallel: str, batch_size: int, device_name: str) -> ParallelC
     mode = resolve_mode(parallel, world, launched)
     check_batch_divides(batch_size, world)
     if mode == "none":
-        return ParallelContext(device=_device(device_name, 0))
+        return ParallelContext(device=resolve_device(device_name))
     import torch.distributed as dist
 
-    device = _device(device_name, local)
+    device = resolve_device(device_name, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = False
@@ -211,7 +211,9 @@ def init_parallel(parallel: str, batch_size: int, device_name: str) -> ParallelC
     return ctx
 
 
-def _device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``[train] device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) as a torch device; a bare ``cuda`` under
+    torchrun is ``cuda:LOCAL_RANK``. ConfigError when CUDA is asked for and there is none."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)

@@ -1,4 +1,13 @@
-"""Errors raised for bad user input. Each names the field, the value and what was expected."""
+"""The errors ddk_fast raises on purpose, and the exit code ``python -m ddk_fast.train`` gives each:
+
+* :class:`ConfigError` (exit 2): a config key, a CLI flag or an input file is wrong; the message names the
+  field, the value and what was expected.
+* :class:`RunError` (exit 2): the run folder, a checkpoint or the disk (:class:`CheckpointWriteError`).
+* :class:`BackendUnavailableError` (exit 2): an explicitly requested backend cannot run here; says the fix.
+* :class:`NonFiniteError` (exit 3): training produced NaN/inf that skipping steps cannot fix:
+  :class:`NonFiniteTeacherError` (the teacher's outputs), :class:`TrainingStopped` (too many non-finite steps
+  in a row).
+"""
 
 from __future__ import annotations
 
@@ -51,3 +60,8 @@ class NonFiniteError(RuntimeError):
 class NonFiniteTeacherError(NonFiniteError):
     """The teacher's outputs are not finite: the fault is in the teacher (weights, dtype overflow), not in
     the student; the message names the step and the domain."""
+
+
+class TrainingStopped(NonFiniteError):
+    """Too many consecutive non-finite losses (``[train] max_bad_steps`` in a row); the last good checkpoint
+    is kept and ``python -m ddk_fast.train`` exits with 3."""

@@ -1,5 +1,5 @@
 """The one optimizer, learning-rate schedule and progress bar of every training loop in ddk_fast: the
-distillation loop (:mod:`ddk_fast.trainer`) and the demo teacher's pre-training
+distillation loop (:mod:`ddk_fast.training.trainer`) and the demo teacher's pre-training
 (:mod:`ddk_fast.demo.teacher`).
 
 Schedule (DDK §4): linear warm-up 0 -> 1 over ``warmup`` steps, then a cosine from 1 to ``min_ratio`` at

@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config
     from .errors import BackendUnavailableError, ConfigError, NonFiniteError, RunError
     from .teacher_cache import TeacherCacheError
-    from .trainer import TrainingStopped
 
     tag = f"[rank {rank}] " if rank else ""  # under torchrun each rank prints its own one line
     try:
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"{tag}error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingStopped, NonFiniteError) as exc:
+    except NonFiniteError as exc:  # TrainingStopped included
         print(f"{tag}training stopped: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:
@@ -89,9 +88,9 @@ def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
     broadcast, so every rank loads the same one. A pre-flight error on rank 0 is raised on every rank.
     """
     from .distributed import init_parallel
-    from .report import write_report
-    from .runfolder import prepare_run_folder
-    from .trainer import Trainer
+    from .training.report import write_report
+    from .training.runfolder import prepare_run_folder
+    from .training.trainer import Trainer
 
     log = logging.getLogger("ddk_fast")
     # config checks of the parallel setting first (every rank, before any process group), then the group

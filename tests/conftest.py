@@ -21,6 +21,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer and three tiny domains on disk (per test module): ``(root, {name: file})``."""
+    from .tiny import domain_texts, make_tokenizer, write_domains
+
+    root = tmp_path_factory.mktemp("assets")
+    texts = [t for docs in domain_texts().values() for t in docs]
+    make_tokenizer(root / "tok", texts)
+    return root, write_domains(root / "data")
+
+
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

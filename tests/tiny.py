@@ -69,3 +69,38 @@ def write_domains(root: Path, seed: int = 0) -> dict[str, Path]:
         p.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
         paths[name] = p
     return paths
+
+
+def make_cfg(assets, run_dir, **over):
+    """The tiny end-to-end run (QLoRA student cut from an inline Llama teacher with a padded vocab) on
+    ``assets`` (the ``assets`` fixture of conftest.py), with ``section__key=value`` overrides."""
+    from ddk_fast.config import build_config
+
+    root, files = assets
+    raw = {
+        "model": {
+            "teacher_config": llama_config(VOCAB + 16),
+            "student_from_teacher_layers": [0, 3],
+            "tokenizer": str(root / "tok"),
+            "student_mode": "qlora",
+            "lora_r": 4,
+            "lora_dropout": 0.1,
+        },
+        "data": {
+            "domains": [{"name": n, "files": [str(p)]} for n, p in files.items()],
+            "seq_len": 32,
+            "batch_size": 4,
+            "val_sequences": 4,
+            "cache_dir": str(root / "cache"),
+            "prefetch": 2,
+        },
+        "ddk": {"interval": 3, "eval_batch_size": 4},
+        "train": {"max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "log_every": 1},
+        "checkpoint": {"every": 3, "keep_last": 2},
+        "output": {"dir": str(run_dir), "progress": False, "tensorboard": False},
+        "loss": {},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return build_config(raw)

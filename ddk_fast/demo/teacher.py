@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from ddk_fast.demo.corpus import corpus_files, read_jsonl
-from ddk_fast.metrics import MetricsWriter
 from ddk_fast.optim import build_optimizer, progress_bar
+from ddk_fast.training.metrics import MetricsWriter
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..losses import KDOutput, fused_linear_kd_loss
+from ..models.loading import _where, head_spec
 from ..ops.params import make_params
 
 __all__ = ["KDArgs", "distill_loss", "head_spec", "DistillationTrainer"]
@@ -50,44 +51,6 @@ class KDArgs:
     def __post_init__(self):
         make_params(self.divergence, self.beta, self.temperature, self.kd_weight, self.ce_weight,
                     self.scale_by_t2, skew_lambda=self.skew_lambda)  # fmt: skip
-
-
-def _where(model: nn.Module) -> str:
-    return type(model).__name__
-
-
-def head_spec(model: nn.Module) -> dict:
-    """``{"weight", "bias", "logit_scale", "softcap"}`` of a causal LM's output head, from the model and its
-    config. ValueError naming the attribute when the head cannot be found or is not a plain linear layer."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        raise ValueError(
-            f"{_where(model)}: could not find the output head: `get_output_embeddings()` is missing or "
-            "returned None (distill_loss needs a causal LM with an lm_head)"
-        )
-    if hasattr(head, "base_layer"):
-        raise ValueError(
-            f"{_where(model)}: the lm_head carries adapters (`lm_head.base_layer`); the fused loss reads "
-            "the head weight directly: leave lm_head out of the LoRA target_modules"
-        )
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(
-            f"{_where(model)}: the output head's `weight` is not a floating-point [V, H] matrix "
-            f"({type(head).__name__}; a quantised lm_head is not supported)"
-        )
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{_where(model)}: no `config` attribute to read the logit scale / soft-cap from")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "final_logit_softcapping", None) or 0.0
-    scale = getattr(text, "logit_scale", None) or 1.0
-    scaling = getattr(text, "logits_scaling", None)
-    if scaling:
-        scale = scale / scaling
-    return {"weight": weight, "bias": getattr(head, "bias", None), "logit_scale": float(scale),
-            "softcap": float(softcap)}  # fmt: skip
 
 
 def _final_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:

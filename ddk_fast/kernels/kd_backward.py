@@ -31,7 +31,6 @@ from .kd_common import (
     _grouped_pid,
     _logit_tile_pair,
     dot_precision,
-    kernel_variant,
     strides,
     tile_configs,
     tuned_config,
@@ -228,58 +227,3 @@ def kd_bwd_tiles(
         FROM_LOGITS=from_logits, DOT_PREC=dot_precision(h_s.dtype), UPCAST=upcast(h_s),
         GROUP=GROUP_ROW_BLOCKS, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
-
-
-def kd_bwd(
-    h_s,
-    w_s,
-    h_t,
-    w_t,
-    labels,
-    stats,
-    g_ce,
-    g_d,
-    vocab: int,
-    div: int,
-    beta: float,
-    lam: float,
-    temperature: float,
-    s_scale: float,
-    s_cap: float,
-    t_scale: float,
-    t_cap: float,
-    ignore_index: int,
-    need_h: bool,
-    need_w: bool,
-    from_logits: bool,
-    *,
-    variant: str | None = None,
-):
-    """Gradient pass. ``g_ce``/``g_d`` [N] fp32: dL/dCE_i and dL/dD_i. Returns (grad_h fp32 [N, H_s] or None,
-    grad_w fp32 [V_s, H_s] or None); ``from_logits``: (grad of the student logits in their dtype, None).
-    ``variant``: the work split (kd_common.VARIANTS; default ``$DDK_FAST_KD_VARIANT`` or ``chunked``); rowblock
-    and vsplit share this tiled kernel, chunked recomputes the logits with cuBLAS (kd_chunked.py)."""
-    import torch
-
-    variant = kernel_variant(variant)
-    n = h_s.shape[0]
-    dev = h_s.device
-    if from_logits:
-        gh = torch.zeros(h_s.shape, dtype=h_s.dtype, device=dev)
-        gw = None
-        need_h, need_w = True, False
-    else:
-        alloc = torch.empty if variant == "chunked" else torch.zeros  # chunked writes every row of dH
-        gh = alloc(h_s.shape, dtype=torch.float32, device=dev) if need_h else None
-        gw = torch.zeros(w_s.shape, dtype=torch.float32, device=dev) if need_w else None
-    if n == 0 or not (need_h or need_w):
-        return gh, gw
-    args = (h_s, w_s, h_t, w_t, labels, stats, g_ce, g_d, vocab, div, beta, lam, temperature, s_scale, s_cap,
-            t_scale, t_cap, ignore_index, need_h, need_w)  # fmt: skip
-    if variant == "chunked" and not from_logits:
-        from .kd_chunked import kd_bwd_chunked
-
-        kd_bwd_chunked(*args, gh, gw)
-    else:
-        kd_bwd_tiles(*args, from_logits, gh, gw)
-    return gh, gw

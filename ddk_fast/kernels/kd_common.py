@@ -1,6 +1,6 @@
 """Shared pieces of the fused ``lm_head`` + KD loss kernels (``kd_forward.py``, ``kd_backward.py``,
-``kd_chunked.py``): the one tile-pair helper every kernel calls, the per-divergence element math, the
-work-split variant switch and the launch-parameter choice.
+``kd_chunked.py``): the one tile-pair helper every kernel calls, the per-divergence element math and the
+launch-parameter choice.
 
 Math of the jit helpers (s = student logits, t = teacher logits, both fp32; x = s/T, y = t/T; lq, lp the
 student / teacher log-probabilities at T once the row's log-sum-exps are known):
@@ -21,14 +21,7 @@ BLOCK_N * BLOCK_V fp32) and writes nothing: its result lives in registers. The o
 on registers and touch no memory. Every row / column index is int64 before it meets a stride, so
 ``row * stride`` cannot wrap when N * V or V * H passes 2^31 (N >= 16,744 at V = 128,256).
 
-Variants (``kernel_variant``; env ``DDK_FAST_KD_VARIANT`` overrides the default, the launchers also take a
-``variant=`` keyword):
-  ``rowblock``  the first design: 1-D forward grid of row blocks, each streaming both heads;
-  ``vsplit``    design (a): 2-D forward grid (row block x vocabulary split, grouped so the programs that share
-                a weight split run together in L2), per-split partial states merged by a small kernel;
-  ``chunked``   design (b): row chunks whose two logit GEMMs are cuBLAS (fp32 out) and one Triton kernel
-                over the chunk's logits (online softmaxes, KD, CE, domain sums; dS in backward), then cuBLAS
-                for dH and dW. No fp32 atomics on the gradient's critical path.
+The work-split variants and their switch are in ``variant.py``.
 """
 
 from __future__ import annotations
@@ -37,10 +30,6 @@ import os
 
 import triton
 import triton.language as tl
-
-VARIANTS = ("chunked", "vsplit", "rowblock")
-VARIANT_ENV = "DDK_FAST_KD_VARIANT"
-DEFAULT_VARIANT = "chunked"
 
 # Launch shapes on a GPU (first guesses, not yet tuned on one: see docs/kernels.md)
 GPU_BLOCK_N = 64  # rows per program of the tiled (matmul-in-kernel) kernels
@@ -57,14 +46,6 @@ INTERP_BLOCK_V = 256
 INTERP_LOGITS_BLOCK_V = 512
 INTERP_BLOCK_K_MAX = 256
 INTERP_PROGRAMS = 4  # vsplit under the interpreter: enough splits to exercise the merge
-
-
-def kernel_variant(variant: str | None = None) -> str:
-    """The work-split variant: ``variant`` if given, else ``$DDK_FAST_KD_VARIANT``, else the default."""
-    name = variant or os.environ.get(VARIANT_ENV, "") or DEFAULT_VARIANT
-    if name not in VARIANTS:
-        raise ValueError(f"{VARIANT_ENV} / variant: expected one of {VARIANTS}, got {name!r}")
-    return name
 
 
 @triton.jit

@@ -44,7 +44,6 @@ from .kd_common import (
     _logit_tile_pair,
     _online_update,
     dot_precision,
-    kernel_variant,
     num_programs_target,
     strides,
     tile_configs,
@@ -527,55 +526,3 @@ def kd_fwd_tiles(
                 partial, lab, dom, stats[3], d, dkd, n, ignore_index, num_domains, n_splits,
                 HAS_LABELS=has_labels, HAS_DOMAINS=has_dom, BLOCK_N=MERGE_BLOCK_N,
             )  # fmt: skip
-
-
-def kd_fwd(
-    h_s,
-    w_s,
-    h_t,
-    w_t,
-    labels,
-    domain_ids,
-    vocab: int,
-    div: int,
-    beta: float,
-    lam: float,
-    temperature: float,
-    s_scale: float,
-    s_cap: float,
-    t_scale: float,
-    t_cap: float,
-    ignore_index: int,
-    num_domains: int,
-    from_logits: bool,
-    *,
-    variant: str | None = None,
-):
-    """Passes 1 (+2). Returns ``stats`` [4, N] fp32 (lse_s, lse_x, lse_y, S), ``ce`` [N], ``d`` [N] (0 on
-    ignored rows) and the per-domain sums ``dce, dkd, dtok`` [num_domains] fp32.
-
-    ``from_logits``: ``h_s``/``h_t`` are the logits [N, V_s] / [N, V_t] and ``w_s``/``w_t`` are ignored.
-    ``variant``: the work split (kd_common.VARIANTS; default ``$DDK_FAST_KD_VARIANT`` or ``chunked``)."""
-    import torch
-
-    variant = kernel_variant(variant)
-    n = h_s.shape[0]
-    dev = h_s.device
-    stats = torch.empty(4, n, dtype=torch.float32, device=dev)
-    ce = torch.empty(n, dtype=torch.float32, device=dev)
-    d = torch.empty(n, dtype=torch.float32, device=dev)
-    dce = torch.zeros(num_domains, dtype=torch.float32, device=dev)
-    dkd = torch.zeros(num_domains, dtype=torch.float32, device=dev)
-    dtok = torch.zeros(num_domains, dtype=torch.float32, device=dev)
-    outputs = (stats, ce, d, dce, dkd, dtok)
-    if n == 0:
-        return outputs
-    args = (h_s, w_s, h_t, w_t, labels, domain_ids, vocab, div, beta, lam, temperature, s_scale, s_cap,
-            t_scale, t_cap, ignore_index, num_domains)  # fmt: skip
-    if variant == "chunked" and not from_logits:
-        from .kd_chunked import kd_fwd_chunked
-
-        kd_fwd_chunked(*args, outputs)
-    else:  # given logits are already "one chunk": chunked == vsplit over them
-        kd_fwd_tiles(*args, from_logits, outputs, splits=variant != "rowblock")
-    return outputs

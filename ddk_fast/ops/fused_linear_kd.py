@@ -39,7 +39,7 @@ def kd_fwd_op(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, domain_ids: Tensor | None,
     ints: list[int], floats: list[float], vocab: int, from_logits: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    from ..kernels.kd_forward import kd_fwd  # lazy: triton is imported on first use only
+    from ..kernels.variant import kd_fwd  # lazy: triton is imported on first use only
 
     p = KDParams.from_op(ints, floats)
     scalars, ignore_index = _launch_args(p)
@@ -64,7 +64,7 @@ def kd_bwd_op(
     g_d: Tensor, ints: list[int], floats: list[float], vocab: int, need_h: bool, need_w: bool,
     from_logits: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    from ..kernels.kd_backward import kd_bwd  # lazy: triton is imported on first use only
+    from ..kernels.variant import kd_bwd  # lazy: triton is imported on first use only
 
     scalars, ignore_index = _launch_args(KDParams.from_op(ints, floats))
     gh, gw = kd_bwd(

@@ -27,7 +27,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..models import final_hidden
+from ..models.loading import final_hidden
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluation import hidden_ce_sum
-from ..models import final_hidden, head_weight
+from ..models.evaluation import head_ce_sum
+from ..models.loading import final_hidden, head_spec
 from .prefix import prefix_kv, prefixed_hidden
 
 POOL_DOCS = 64  # few-shot candidate documents scored per domain
@@ -200,7 +200,7 @@ def dev_ce(teacher: nn.Module, ids: np.ndarray, labels: np.ndarray, prefix, voca
         x = torch.as_tensor(ids[i : i + batch], device=dev)
         y = torch.as_tensor(labels[i : i + batch], device=dev)
         h = prefixed_hidden(teacher, x, [kv] * len(x), [len(prefix)] * len(x))
-        s, n = hidden_ce_sum(h, head_weight(teacher), y, vocab)
+        s, n = head_ce_sum(h, head_spec(teacher), y, vocab)
         total, count = total + float(s), count + int(n)
     return total / max(count, 1)
 
@@ -247,7 +247,8 @@ def search_domain(
         perturb.make("explore", tokenizer.encode(t.replace("{domain}", name), add_special_tokens=False))
         for t in cfg.templates
     ]
-    vocab = head_weight(teacher).shape[0]  # the teacher's full softmax (as training scores it when V_s = V_t)
+    # the teacher's full softmax (as training scores it when V_s = V_t)
+    vocab = head_spec(teacher)["weight"].shape[0]
     result = search(
         lambda p: dev_ce(teacher, ids, labels, p, vocab, batch), explore, perturb, cfg.budget, on_eval
     )

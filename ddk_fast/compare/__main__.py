@@ -1,0 +1,85 @@
+"""Does DDK help? ``python -m ddk_fast.compare --config examples/compare.toml [--seeds 0,1,2] [--quick]
+[--out DIR] [--arms ddk,uniform] [--set section.key=value ...]``.
+
+Trains several *arms* from one shared student initialisation per seed, at an equal token budget, each arm a
+normal run of the library's own loop (:class:`~ddk_fast.training.trainer.Trainer`), and scores every
+student on the ``test`` split, which no arm ever steers on. Arms (a config override each):
+
+=================  ==========================================================================================
+``ddk``            DDK with the library's default factor (``[ddk] factor`` as ``DDKConfig`` defines it)
+``ddk_paper``      DDK with the exact Eq. 1 / Eq. 2 (``factor = "paper"``)
+``ddk_nosmooth``   Eq. 1 recomputed every interval, no smoothing (the paper's ablation)
+``uniform``        KD, equal domain weights
+``static``         KD, weights proportional to each domain's training tokens (a plain concatenated dataset)
+``ce``             no KD (``kd_weight = 0``), equal domain weights
+``akd_hidden``     AKD's hidden-state loss alone (``[compare.akd.hidden]``), equal domain weights
+``akd_curriculum`` progressive distillation alone (``[compare.akd.curriculum]``), equal domain weights
+``akd_prompts``    the searched teacher prompts alone (``[compare.akd.teacher_prompt]``), equal weights
+``akd``            all three, equal domain weights
+``akd_ddk``        all three with DDK (default factor)
+=================  ==========================================================================================
+
+The config file is a normal ``run.toml`` plus a ``[compare]`` table (``name``, ``arms``, ``seeds``,
+``quick_steps``, and ``akd``: the AKD sections the ``akd*`` arms add). Outputs in ``--out``:
+``results.json`` (schema in :func:`summarise`), ``report.md`` and two plots (small files, to commit).
+The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
+``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the same
+settings hash) is reused, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..config import apply_overrides, build_config, tomllib
+from ..errors import ConfigError
+from .arms import AKD_ARMS, ARMS, arm_overrides, quick_overrides, split_compare_table
+from .runs import compare
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = argparse.ArgumentParser(prog="python -m ddk_fast.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="examples/compare.toml", help="run.toml with a [compare] table")
+    p.add_argument("--seeds", help="comma-separated seeds (default: [compare] seeds)")
+    p.add_argument(
+        "--arms",
+        help=f"comma-separated arms (default: [compare] arms; known: {','.join(ARMS + AKD_ARMS)})",
+    )
+    p.add_argument("--quick", action="store_true", help="one seed, [compare] quick_steps steps (a smoke run)")
+    p.add_argument("--out", help="results folder (default: the work folder)")
+    p.add_argument("--work", help="folder for the runs (default: runs/compare-<name>[-quick])")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    try:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError("--config", str(path), "an existing TOML file")
+        raw, comp = split_compare_table(apply_overrides(tomllib.loads(path.read_text()), args.set))
+        build_config(raw)  # every config error before any training
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(comp["seeds"])
+        arms = args.arms.split(",") if args.arms else list(comp["arms"])
+        for arm in arms:
+            arm_overrides(arm, comp["akd"])
+        if args.quick:
+            seeds = seeds[:1]
+            raw = quick_overrides(raw, comp["quick_steps"])
+        work = Path(args.work or f"runs/compare-{comp['name']}{'-quick' if args.quick else ''}")
+        out = Path(args.out) if args.out else work
+        cmd = "python -m ddk_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+        return compare(raw, comp, seeds, arms, work, out, quick=args.quick, command=cmd)
+    except (ConfigError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""One comparison: a shared student initialisation per seed, each arm trained by the library's own loop (or
+its finished result reused), the untrained reference, and the summary that ``results.json`` holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..config import build_config
+from ..data import prepare_config_domains
+from ..distributed import resolve_device
+from ..models.loading import (
+    ensure_student_init,
+    load_teacher,
+    load_tokenizer,
+    resolve_dtype,
+    student_init_key,
+    teacher_identity,
+)
+from ..prompts.run import run_search
+from ..training.report import write_report
+from ..training.trainer import Trainer
+from .arms import arm_overrides, git_commit, merge_sections, run_key, short_hash
+from .report import write_compare_report
+
+log = logging.getLogger("ddk_fast.compare")
+
+
+def shared_student_init(raw: dict, seed: int, out: Path) -> dict:
+    """Build the seed's student initialisation once (``out/inits/seed<k>-<key>``, the key of
+    :func:`~ddk_fast.models.loading.student_init_key`: the same cache the trainer uses for
+    ``<run>/student_init``) and point the config at it."""
+    m = raw.get("model", {})
+    if m.get("student"):
+        return raw  # a given student folder is shared already
+    cfg = build_config(merge_sections(raw, {"train": {"seed": seed}}))
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.model, device)
+    folder = out / "inits" / f"seed{seed}-{student_init_key(cfg.model, dtype, seed)}"
+    ensure_student_init(cfg.model, folder, dtype, seed, lambda: load_teacher(cfg.model, device, dtype, seed))
+    model = {k: v for k, v in m.items() if k not in ("student_from_teacher_layers", "student_config")}
+    return {**raw, "model": {**model, "student": str(folder)}}
+
+
+def static_weights(raw: dict) -> dict:
+    """Domain weights proportional to training tokens (prepares the shards; the run reuses them)."""
+
+    cfg = build_config(raw)
+    prepared = prepare_config_domains(cfg.data, load_tokenizer(cfg.model))
+    data = json.loads(json.dumps(raw["data"]))
+    for dom, p in zip(data["domains"], prepared):
+        dom["weight"] = float(p.train.num_tokens)
+    return {**raw, "data": data}
+
+
+def searched_prompts(raw: dict, out: Path) -> Path:
+    """The teacher prompts of a comparison (``python -m ddk_fast.prompts`` once, shared by every arm and
+    seed: the teacher and the dev slices do not depend on the seed), keyed by what defines the search."""
+    m = {k: v for k, v in raw.get("model", {}).items() if not k.startswith("student")}
+    cfg = build_config(raw)
+    seed = cfg.train.seed if not m.get("teacher") else None  # an inline teacher is defined by its seed
+    teacher = teacher_identity(
+        cfg.model, resolve_dtype(cfg.model, resolve_device(cfg.train.device)), seed or 0
+    )
+    key = short_hash([m, raw["data"], raw["teacher_prompt"], teacher, seed])
+    path = out / "prompts" / key / "prompts.json"
+    if not path.exists():
+        cfg = build_config(merge_sections(raw, {"output": {"progress": False}}))
+        run_search(cfg, path)
+    return path
+
+
+def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) -> dict:
+    """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
+    ``[compare.akd]`` table (AKD arms)."""
+
+    raw = merge_sections(raw, arm_overrides(arm, akd))
+    raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
+    if arm == "static":
+        raw = static_weights(raw)
+    if "teacher_prompt" in arm_overrides(arm, akd) and not raw["teacher_prompt"].get("use"):
+        raw = merge_sections(raw, {"teacher_prompt": {"use": str(searched_prompts(raw, out))}})
+    key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
+    run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
+    raw = merge_sections(raw, {"output": {"dir": str(run_dir)}})
+    done = run_dir / "run_result.json"
+    if done.exists():
+        row = json.loads(done.read_text())
+        if row.get("settings_hash") == key:
+            return row
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a partial or stale run: start it again
+    cfg = build_config(raw)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    result = trainer.fit()
+    write_report(result, trainer.names)
+    test_tokens = [int((vs["labels"] != -100).sum()) for vs in trainer.test_sets]
+    row = {
+        "arm": arm,
+        "seed": seed,
+        "tokens": int(sum(result.tokens_per_domain)),
+        "tokens_per_domain": [int(t) for t in result.tokens_per_domain],
+        "test_ce": result.test_losses,
+        "teacher_test_ce": result.teacher_test_losses,
+        "test_tokens": test_tokens,
+        "weights": [[h["step"], *h["weights"]] for h in result.weight_history],
+        "wall_seconds": round(result.wall_seconds, 1),
+        "settings_hash": key,
+        "teacher_prompts": cfg.teacher_prompt.use,  # its teacher CE is the prefixed teacher's
+    }
+    done.write_text(json.dumps(row) + "\n")
+    return row
+
+
+def untrained_row(raw: dict, seed: int, out: Path) -> dict:
+    """Test CE of the shared initialisation itself (the 'untrained student' reference row)."""
+
+    cfg = build_config(
+        merge_sections(raw, {"train": {"seed": seed}, "output": {"dir": str(out / "runs" / f"init-s{seed}")}})
+    )
+    trainer = Trainer(cfg)
+    trainer.setup()
+    student, teacher = trainer.evaluate_test()
+    return {"arm": "untrained", "seed": seed, "test_ce": student, "teacher_test_ce": teacher}
+
+
+def weight_oscillation(weights: list[list[float]]) -> float:
+    """Mean over consecutive weight updates of the mean |Δw| over domains (0 for a fixed mix)."""
+    if len(weights) < 2:
+        return 0.0
+    diffs = [
+        sum(abs(a - b) for a, b in zip(w1[1:], w0[1:])) / (len(w0) - 1)
+        for w0, w1 in zip(weights, weights[1:])
+    ]
+    return sum(diffs) / len(diffs)
+
+
+def score(row: dict, teacher: list[float]) -> dict:
+    """Add gap (student − teacher test CE per domain), mean_gap (token-weighted), worst_gap, oscillation."""
+    gap = [s - t for s, t in zip(row["test_ce"], teacher)]
+    n = row.get("test_tokens") or [1] * len(gap)
+    row = dict(row)
+    row["gap"] = gap
+    row["mean_gap"] = sum(g * k for g, k in zip(gap, n)) / sum(n)
+    row["worst_gap"] = max(gap)
+    if "weights" in row:
+        row["weight_oscillation"] = weight_oscillation(row["weights"])
+    return row
+
+
+def summarise(
+    setting: dict, seeds: list[int], domains: list[str], rows: list[dict], refs: list[dict]
+) -> dict:
+    """The results.json object::
+
+    {"setting": {...}, "seeds": [...], "domains": [...], "teacher_test_ce": [per domain],
+     "runs": [{"arm", "seed", "tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights",
+               "weight_oscillation", ...}], "references": [{"arm": "untrained", ...}]}
+    """
+    # every gap is taken against the plain teacher (arms with teacher prompts measure a prefixed one)
+    plain = [r for r in rows if not r.get("teacher_prompts")] + refs
+    teacher = plain[0]["teacher_test_ce"]
+    return {
+        "setting": setting,
+        "seeds": seeds,
+        "domains": domains,
+        "teacher_test_ce": teacher,
+        "runs": [score(r, teacher) for r in rows],
+        "references": [score(r, teacher) for r in refs],
+    }
+
+
+def compare(
+    raw: dict, comp: dict, seeds: list[int], arms: list[str], work: Path, out: Path, quick=False, command=""
+) -> int:
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    import torch  # noqa: F401 (version in the results)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar over runs, not one per model load
+    quiet = logging.getLogger("ddk_fast")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # one line per run here; each run keeps its own report.md
+    rows, refs = [], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(seeds) * (len(arms) + 1), unit="run", desc=f"compare {comp['name']}")
+    try:
+        for seed in seeds:
+            seeded = shared_student_init(raw, seed, work)
+            bar.set_postfix_str(f"seed {seed} untrained")
+            refs.append(untrained_row(seeded, seed, work))
+            bar.update(1)
+            for arm in arms:
+                bar.set_postfix_str(f"seed {seed} {arm}")
+                row = run_arm(seeded, arm, seed, work, comp["akd"])
+                rows.append(row)
+                bar.update(1)
+                gaps = [s - t for s, t in zip(row["test_ce"], row["teacher_test_ce"])]
+                bar.write(
+                    f"seed {seed} {arm:>13}: mean test gap {sum(gaps) / len(gaps):.4f}, worst {max(gaps):.4f}"
+                )
+    finally:
+        bar.close()
+        quiet.setLevel(level)
+    cfg_dump = json.loads(json.dumps(raw))
+    setting = {
+        "name": comp["name"],
+        "quick": quick,
+        "arms": arms,
+        "config": cfg_dump,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s)",
+        "torch": torch.__version__,
+        "command": command,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    domains = [d["name"] for d in raw["data"]["domains"]]
+    results = summarise(setting, seeds, domains, rows, refs)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report = write_compare_report(results, out)
+    print(f"results: {out / 'results.json'}\nreport:  {report}")
+    return 0

@@ -1,0 +1,316 @@
+"""The run configuration's sections: one dataclass per component (torchtitan's pattern), and the checks
+across sections.
+
+Every field carries its documentation and its constraint (:func:`~ddk_fast.config.fields._opt`), so
+validation messages and the README's config reference come from one place. Parsing, ``--set`` and the
+reference are in ``parse.py``; the AKD sections in ``akd.py``. Relative paths are resolved against the current
+working directory (as ``python -m ddk_fast.train`` users run from their project root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..errors import ConfigError
+from .akd import HiddenConfig, TeacherPromptConfig, akd_checks
+from .curriculum import CurriculumConfig
+from .fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos, _pos_int, _unit
+
+
+@dataclass
+class DomainConfig:
+    """One training domain: local files (jsonl / json / parquet / txt) and the field holding the text."""
+
+    name: str = _opt(
+        "",
+        "domain name (unique; used in logs, plots and the report)",
+        lambda v: bool(v.strip()),
+        "a non-empty name",
+    )
+    files: list[str] = _opt(
+        [],
+        "local data files of this domain (.jsonl, .json, .parquet, .txt)",
+        lambda v: len(v) > 0,
+        "a non-empty list of file paths",
+    )
+    text_field: str = _opt("text", "field holding the document text (ignored for .txt files)")
+    weight: float = _opt(1.0, 'static mixing proportion (used when [ddk] mixing = "static")', *_nonneg)
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = _opt("", "local path of the teacher (a Hugging Face causal-LM folder)")
+    teacher_config: dict = _opt(
+        {},
+        "inline transformers config for a randomly initialised teacher (tests); "
+        "used when `teacher` is empty; needs model_type",
+    )
+    student: str = _opt("", "local path of the student; empty = build it from the teacher (see next key)")
+    student_from_teacher_layers: list[int] = _opt(
+        [], "build the student from the teacher keeping these decoder layers (DistilBERT-style init)"
+    )
+    student_config: dict = _opt({}, "inline transformers config for a randomly initialised student (tests)")
+    tokenizer: str = _opt("", "tokenizer path; empty = the teacher's folder")
+    student_mode: Literal["qlora", "lora", "full"] = _opt(
+        "qlora", "qlora: NF4 4-bit frozen base + LoRA; lora: LoRA on a full-precision base; full: all weights"
+    )
+    lora_r: int = _opt(16, "LoRA rank", *_pos_int)
+    lora_alpha: float = _opt(32.0, "LoRA alpha (scaling = alpha / r)", *_pos)
+    lora_dropout: float = _opt(0.05, "LoRA dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+    lora_target_modules: list[str] = _opt(
+        ["all-linear"], 'modules that get adapters; ["all-linear"] = every linear layer but the lm_head'
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _opt(
+        "auto", "compute dtype: auto = bfloat16 on GPU, float32 on CPU"
+    )
+    attn_implementation: Literal[
+        "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = _opt("sdpa", "transformers attention implementation (flash_attention_* need the gpu extra and CUDA)")
+    gradient_checkpointing: bool = _opt(False, "recompute student activations in backward to save memory")
+    shard_teacher: bool = _opt(
+        False, "under torchrun: shard the frozen teacher's decoder with FSDP2 (default: a replica per rank)"
+    )
+    teacher_cache: str = _opt(
+        "",
+        "folder written by `python -m ddk_fast.teacher_cache`: train from the teacher's cached top-k "
+        "(sparse-teacher loss) and never run the teacher; empty = run the teacher online",
+    )
+
+
+@dataclass
+class DataConfig:
+    domains: list[DomainConfig] = _opt(
+        [],
+        "the domains, as [[data.domains]] tables",
+        lambda v: len(v) >= 1,
+        "at least one [[data.domains]] table",
+    )
+    seq_len: int = _opt(256, "tokens per training sequence", *_pos_int)
+    batch_size: int = _opt(
+        8, "sequences per global micro-batch (split evenly over torchrun ranks)", *_pos_int
+    )
+    val_sequences: int = _opt(
+        16, "validation sequences per domain (fixed, seeded; DDK steers on them)", *_pos_int
+    )
+    test_sequences: int = _opt(
+        0,
+        "test sequences per domain (whole documents disjoint from train and val; reported at the end, "
+        "never steers anything); 0 = as many as val_sequences",
+        *_nonneg_int,
+    )
+    split_seed: int = _opt(
+        0,
+        "seed of the val/test document selection (kept apart from train.seed: fixed held-out sets)",
+        *_nonneg_int,
+    )
+    cache_dir: str = _opt(".cache/ddk_fast/shards", "where tokenised domain shards are cached")
+    sampler_backend: Literal["auto", "cpp", "numpy"] = _opt(
+        "auto", "domain sampler backend: auto = C++ extension when built, else numpy"
+    )
+    prefetch: int = _opt(2, "batches assembled ahead in a background thread (0 = off)", *_nonneg_int)
+    max_bad_records: float = _opt(
+        0.0,
+        "fraction of a file's records that may be bad (no text field, empty, undecodable) and are skipped; "
+        "above it the run stops before training, naming file:line of the first",
+        *_unit,
+    )
+
+    @property
+    def num_test_sequences(self) -> int:
+        """``test_sequences``, with 0 meaning as many as ``val_sequences``."""
+        return self.test_sequences or self.val_sequences
+
+
+@dataclass
+class DDKConfig:
+    mixing: Literal["ddk", "uniform", "static"] = _opt(
+        "ddk", "ddk: DDK factor; uniform: equal domain weights; static: [[data.domains]] weight proportions"
+    )
+    interval: int = _opt(1000, "K: steps between student re-evaluations / weight updates (DDK §3)", *_pos_int)
+    alpha: float = _opt(0.5, "factor smooth-updating coefficient α of Eq. 2", *_unit)
+    smoothing: bool = _opt(True, "false = recompute r from Eq. 1 every interval (the paper's ablation)")
+    factor: Literal["paper", "excess_loss"] = _opt(
+        "excess_loss",
+        "paper: Eq. 1/2 exactly, softmax of perplexity ratios exp(CE_S - CE_T); excess_loss: softmax of the "
+        "gap (CE_S - CE_T) / factor_temperature with the (1 - alpha)/N floor from r_0 on (robust to gaps of "
+        "several nats, where the paper's factor turns one-hot)",
+    )
+    factor_temperature: float = _opt(
+        0.5,
+        "τ of the excess_loss factor, in nats (larger = flatter)",
+        lambda v: v >= 0.01,
+        "a number >= 0.01",
+    )
+    max_weight: float = _opt(
+        1.0,
+        "cap on any one domain's weight (1 = no cap; at least 1/N)",
+        lambda v: 0 < v <= 1,
+        "a number in (0, 1]",
+    )
+    eval_batch_size: int = _opt(8, "sequences per validation forward pass", *_pos_int)
+
+
+@dataclass
+class LossConfig:
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "total_variation"
+    ] = _opt(
+        "forward_kl",
+        "D(p_teacher, p_student): forward KL (DDK), reverse KL (MiniLLM), generalised JSD (GKD), "
+        "skew forward / reverse KL (DistiLLM) or total variation",
+    )
+    beta: float = _opt(0.5, "JSD β (TRL convention: 0 = forward KL, 1 = reverse KL)", *_unit)
+    skew_lambda: float = _opt(
+        0.1,
+        "λ of the skew KLs (DistiLLM uses 0.1)",
+        lambda v: 0 <= v < 1,
+        "a number in [0, 1) (at 1 the skewed mixture is the distribution itself and the divergence is 0)",
+    )
+    temperature: float = _opt(
+        1.0,
+        "softmax temperature T of the KD term",
+        lambda v: TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+        f"a number in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (below, both softmaxes are one-hot "
+        "and T² scales the KD term to ~0; above, both are uniform and KD carries no information)",
+    )
+    kd_weight: float = _opt(0.2, "γ: weight of the KD term (DDK Eq. 3)", *_nonneg)
+    ce_weight: float = _opt(1.0, "weight of the next-token cross-entropy term", *_nonneg)
+    scale_by_t2: bool = _opt(True, "multiply the KD term by T² (Hinton)")
+    backend: Literal["auto", "triton", "torch"] = _opt("auto", "KD loss backend: auto = triton on CUDA")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _opt(1000, "optimizer steps", *_pos_int)
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)", *_pos)
+    min_lr_ratio: float = _opt(0.1, "cosine floor as a fraction of lr", *_unit)
+    warmup_steps: int = _opt(50, "linear warm-up steps", *_nonneg_int)
+    weight_decay: float = _opt(0.0, "AdamW weight decay", *_nonneg)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", *_pos_int)
+    max_grad_norm: float = _opt(
+        1.0,
+        "gradient clipping norm (0 = off)",
+        lambda v: v == 0 or v >= 1e-3,
+        "0 (off) or a number >= 0.001 (below, Adam's eps outweighs the clipped gradient: no update)",
+    )
+    max_bad_steps: int = _opt(5, "consecutive non-finite losses that stop the run", *_pos_int)
+    seed: int = _opt(0, "seed for models and sampler", *_nonneg_int)
+    device: str = _opt(
+        "auto",
+        "auto, cpu, cuda or cuda:N",
+        lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+        "auto, cpu, cuda or cuda:N",
+    )
+    log_every: int = _opt(1, "steps between metrics.jsonl rows", *_pos_int)
+    parallel: Literal["auto", "ddp", "fsdp"] = _opt(
+        "auto",
+        "under torchrun: ddp (replicated student) or fsdp (FSDP2-sharded student); auto = ddp when world > 1",
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _opt(500, "steps between checkpoints (one is always written at the end)", *_pos_int)
+    keep_last: int = _opt(2, "checkpoints kept on disk", *_pos_int)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _opt("runs/ddk", "run directory: resolved config, metrics.jsonl, checkpoints, report")
+    tensorboard: bool = _opt(True, "also write tensorboard events when tensorboard is installed")
+    progress: bool = _opt(True, "show a progress bar")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ddk: DDKConfig = field(default_factory=DDKConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    hidden: HiddenConfig = field(default_factory=HiddenConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    teacher_prompt: TeacherPromptConfig = field(default_factory=TeacherPromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _exists(path: str, key: str, want_dir: bool = False) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(
+            key, path, "an existing " + ("folder" if want_dir else "file"), f"resolved to {p.resolve()}"
+        )
+
+
+def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
+    """Checks across keys and sections (and, with ``check_paths``, that input paths exist)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if not m.teacher and not m.teacher_config:
+        raise ConfigError("model.teacher", m.teacher, "a teacher path (or an inline [model.teacher_config])")
+    if m.teacher_config and "model_type" not in m.teacher_config:
+        raise ConfigError("model.teacher_config.model_type", None, 'a transformers model type, e.g. "llama"')
+    if m.student_config and "model_type" not in m.student_config:
+        raise ConfigError("model.student_config.model_type", None, 'a transformers model type, e.g. "llama"')
+    n_student_src = bool(m.student) + bool(m.student_from_teacher_layers) + bool(m.student_config)
+    if n_student_src != 1:
+        raise ConfigError(
+            "model.student", m.student, "exactly one of student, student_from_teacher_layers, student_config"
+        )
+    layers = m.student_from_teacher_layers
+    if layers and (min(layers) < 0 or len(set(layers)) != len(layers) or layers != sorted(layers)):
+        raise ConfigError(
+            "model.student_from_teacher_layers", layers, "distinct, increasing layer indices >= 0"
+        )
+    if m.tokenizer == "" and not m.teacher:
+        raise ConfigError("model.tokenizer", m.tokenizer, "a tokenizer path when the teacher is inline")
+    names = [dom.name for dom in d.domains]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"data.domains[{i}].name", name, "a name not used by another domain")
+    if cfg.ddk.mixing == "static" and sum(dom.weight for dom in d.domains) <= 0:
+        raise ConfigError(
+            "data.domains[0].weight",
+            d.domains[0].weight,
+            "static mixing needs at least one domain weight > 0",
+        )
+    if cfg.ddk.max_weight * len(d.domains) < 1.0:
+        raise ConfigError(
+            "ddk.max_weight",
+            cfg.ddk.max_weight,
+            f"at least 1/N = {1 / len(d.domains):.4f} for {len(d.domains)} domains (weights sum to 1)",
+        )
+    if cfg.loss.kd_weight == 0 and cfg.loss.ce_weight == 0:
+        raise ConfigError("loss.kd_weight", 0.0, "kd_weight or ce_weight > 0 (with both 0 the loss is 0)")
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
+    if m.teacher_cache and cfg.loss.divergence not in ("forward_kl", "total_variation"):
+        raise ConfigError(
+            "loss.divergence",
+            cfg.loss.divergence,
+            "forward_kl or total_variation with [model] teacher_cache (the sparse-teacher loss)",
+        )
+    akd_checks(cfg)
+    if not check_paths:
+        return
+    if m.teacher_cache:
+        _exists(m.teacher_cache, "model.teacher_cache", want_dir=True)
+    if m.teacher:
+        _exists(m.teacher, "model.teacher", want_dir=True)
+    if m.student:
+        _exists(m.student, "model.student", want_dir=True)
+    if m.tokenizer:
+        _exists(m.tokenizer, "model.tokenizer", want_dir=True)
+    for i, dom in enumerate(d.domains):
+        for j, f in enumerate(dom.files):
+            _exists(f, f"data.domains[{i}].files[{j}]")
+            if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+                raise ConfigError(
+                    f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
+                )

@@ -1,0 +1,154 @@
+"""The DDK-vs-baselines comparison: `python -m ddk_fast.compare --quick` on the tiny demo assets, its
+results.json schema, equal budgets and shared inits, reuse of finished runs, and the summary maths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddk_fast.compare import ARMS, score, weight_oscillation
+from ddk_fast.compare.__main__ import main
+from ddk_fast.compare.report import paired, verdicts
+from ddk_fast.demo.__main__ import prepare_demo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    demo = prepare_demo(root / "demo", tiny=True, progress=False)
+    text = (REPO / "examples" / "compare.toml").read_text().replace(".cache/demo", str(demo["out"]))
+    cfg = root / "compare.toml"
+    cfg.write_text(text)
+    args = [
+        "--config", str(cfg), "--quick", "--work", str(root / "out"),
+        "--set", "data.seq_len=16", "--set", "data.batch_size=4", "--set", "data.val_sequences=2",
+        "--set", "data.test_sequences=3", "--set", "compare.quick_steps=8",
+    ]  # fmt: skip
+    assert main(args) == 0
+    return root, args, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_quick_comparison_writes_results_report_and_plots(quick):
+    root, _, res = quick
+    assert set(res) >= {"setting", "seeds", "domains", "teacher_test_ce", "runs", "references"}
+    assert res["seeds"] == [0] and res["setting"]["quick"] and res["setting"]["commit"] is not None
+    assert res["domains"] == ["code", "docs", "arithmetic", "structured", "logs"]
+    assert [r["arm"] for r in res["runs"]] == list(ARMS)
+    for r in res["runs"]:
+        for key in ("tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights", "weight_oscillation"):
+            assert key in r, key
+        assert len(r["gap"]) == 5 and r["worst_gap"] == max(r["gap"])
+        assert r["gap"] == pytest.approx([s - t for s, t in zip(r["test_ce"], res["teacher_test_ce"])])
+    assert len({r["tokens"] for r in res["runs"]}) == 1  # equal token budget: 8 steps x 4 x 16
+    assert res["runs"][0]["tokens"] == 8 * 4 * 16
+    by = {r["arm"]: r for r in res["runs"]}
+    assert by["uniform"]["weights"][0][1:] == pytest.approx([0.2] * 5)
+    static = by["static"]["weights"][0][1:]
+    assert static.index(max(static)) == 4  # logs: the largest domain dominates a size-proportional mix
+    assert by["ddk"]["weights"][0][1:] != pytest.approx([0.2] * 5)  # the factor moved the mix
+    untrained = res["references"][0]
+    assert untrained["arm"] == "untrained" and all(r["mean_gap"] < untrained["mean_gap"] for r in res["runs"])
+    report = (root / "out" / "report.md").read_text()
+    assert "Paired by seed" in report and "test** split" in report and "Against the goals" in report
+    for png in ("gaps.png", "weights.png"):
+        assert (root / "out" / png).stat().st_size > 1000
+    # one shared init per seed: a folder the arms load, not one each
+    (init,) = (root / "out" / "inits").glob("seed0-*")
+    assert (init / "config.json").exists()
+    (ddk_run,) = (root / "out" / "runs").glob("ddk-s0-*")
+    assert str(init) in (ddk_run / "config.toml").read_text()
+
+
+def test_finished_runs_are_reused(quick, capsys):
+    root, args, res = quick
+    (done,) = (root / "out" / "runs").glob("uniform-s0-*/run_result.json")
+    mtime = done.stat().st_mtime
+    # a sweep over a DDK-only key reuses the uniform run and trains a second ddk run beside the first
+    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.factor_temperature=2.0"]) == 0
+    again = json.loads((root / "out" / "results.json").read_text())
+    by = {r["arm"]: r for r in again["runs"]}
+    first = {r["arm"]: r for r in res["runs"]}
+    assert by["uniform"]["test_ce"] == first["uniform"]["test_ce"] and done.stat().st_mtime == mtime
+    assert len(list((root / "out" / "runs").glob("ddk-s0-*"))) == 2
+
+
+def test_bad_compare_table_is_a_config_error(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace('"ce"]', '"nonsense"]'))
+    assert main(["--config", str(cfg), "--quick"]) == 2
+    assert "[compare] arms: expected one of ddk" in capsys.readouterr().err
+
+
+def test_summary_maths():
+    assert weight_oscillation([[0, 0.5, 0.5], [10, 0.7, 0.3], [20, 0.5, 0.5]]) == pytest.approx(0.2)
+    assert weight_oscillation([[0, 0.5, 0.5]]) == 0.0
+    row = score({"test_ce": [3.0, 2.0], "test_tokens": [30, 10], "weights": []}, [2.5, 1.0])
+    assert row["gap"] == [0.5, 1.0] and row["worst_gap"] == 1.0
+    assert row["mean_gap"] == pytest.approx((0.5 * 30 + 1.0 * 10) / 40)
+    res = {
+        "seeds": [0, 1],
+        "runs": [
+            {"arm": "ddk", "seed": 0, "mean_gap": 1.0, "worst_gap": 2.0, "weight_oscillation": 0.1},
+            {"arm": "ddk", "seed": 1, "mean_gap": 1.0, "worst_gap": 2.0, "weight_oscillation": 0.1},
+            {"arm": "uniform", "seed": 0, "mean_gap": 1.1, "worst_gap": 2.5, "weight_oscillation": 0.0},
+            {"arm": "uniform", "seed": 1, "mean_gap": 0.9, "worst_gap": 1.5, "weight_oscillation": 0.0},
+        ],
+    }
+    assert paired(res, "ddk", "uniform", "worst_gap") == pytest.approx([-0.5, 0.5])
+    (line,) = verdicts(res)
+    assert "worst-domain gap lower in 1/2 seeds" in line and "mean gap no worse in 1/2 seeds" in line
+
+
+def test_akd_arms_add_their_sections_and_need_them():
+    from ddk_fast.compare import AKD_ARMS, arm_overrides, run_key
+    from ddk_fast.config import tomllib
+    from ddk_fast.errors import ConfigError
+
+    akd = {"hidden": {"weight": 0.5}, "curriculum": {"replay": 0.3}, "teacher_prompt": {"budget": 4}}
+    assert arm_overrides("akd_hidden", akd) == {"ddk": {"mixing": "uniform"}, "hidden": {"weight": 0.5}}
+    both = arm_overrides("akd_ddk", akd)
+    assert both["ddk"]["mixing"] == "ddk" and set(both) == {"ddk", "hidden", "curriculum", "teacher_prompt"}
+    assert set(arm_overrides("akd", akd)) - {"ddk"} == set(akd) and "akd_prompts" in AKD_ARMS
+    with pytest.raises(ConfigError, match=r"\[compare\] akd: expected a \[compare.akd.hidden\] table"):
+        arm_overrides("akd_hidden", {"curriculum": {}})
+    # an AKD section that is off is not part of a run's identity: finished baseline runs stay valid
+    raw = tomllib.loads((REPO / "examples" / "compare.toml").read_text())
+    raw.pop("compare")
+    assert run_key(raw) == run_key({**raw, "hidden": {"weight": 0.0, "loss": "cosine"}})
+    assert run_key(raw) != run_key({**raw, "hidden": {"weight": 0.5}})
+    assert run_key(raw) == run_key({**raw, "curriculum": {"replay": 0.5}, "teacher_prompt": {"budget": 3}})
+    assert run_key(raw) != run_key({**raw, "curriculum": {"preset": "pocl"}})
+
+
+def test_akd_arms_run_with_one_shared_prompt_search(quick):
+    root, args, _ = quick
+    akd = [
+        "--set", "compare.akd.hidden.weight=0.5",
+        "--set", "compare.akd.teacher_prompt.budget=3",
+        "--set", "compare.akd.teacher_prompt.dev_sequences=2",
+        "--set", "compare.akd.teacher_prompt.max_prefix_tokens=32",
+        "--set", 'compare.akd.curriculum.preset="none"', "--set", "compare.akd.curriculum.num_stages=2",
+    ]  # fmt: skip
+    assert (
+        main([*args, *akd, "--arms", "akd_prompts,uniform,akd_hidden,akd_ddk", "--out", str(root / "akd")])
+        == 0
+    )
+    res = json.loads((root / "akd" / "results.json").read_text())
+    assert [r["arm"] for r in res["runs"]] == ["akd_prompts", "uniform", "akd_hidden", "akd_ddk"]
+    (prompts,) = (root / "out" / "prompts").glob("*/prompts.json")  # searched once, reused by the arm
+    for arm in ("akd_prompts", "akd_ddk"):
+        (run,) = (root / "out" / "runs").glob(f"{arm}-s0-*")
+        assert str(prompts) in (run / "config.toml").read_text()
+    ddk = {r["arm"]: r["weights"] for r in res["runs"]}["akd_ddk"]
+    assert ddk[0][1:].count(0.0) >= 2  # stage 1 of 2: the harder domains are not drawn yet
+    by = {r["arm"]: r for r in res["runs"]}
+    assert by["akd_hidden"]["test_ce"] != by["uniform"]["test_ce"]
+    # gaps are against the plain teacher, whichever arm comes first
+    assert by["akd_prompts"]["teacher_prompts"] == str(prompts) and not by["uniform"]["teacher_prompts"]
+    assert res["teacher_test_ce"] == by["uniform"]["teacher_test_ce"]
+    report = (root / "akd" / "report.md").read_text()
+    assert "AKD arms, paired by seed" in report and "| akd_hidden − uniform |" in report
