@@ -23,6 +23,10 @@
 // 2 MiB) per random document, which made RSS grow by ~1.8 MB per short document read. Its offsets are
 // still mapped (read once per epoch) and their pages are dropped after each epoch's index is built.
 //
+// Loss masks (set_masks): a domain may carry one uint8 per token (chat / prompt-completion data); its labels
+// are then ignore_index where the label's stream position has mask 0, and its separators have mask 0. The
+// mask is read through its mapping (1 byte per token read) in both read modes.
+//
 // Floating point: the deficit is one multiply and one subtract in double; built with -ffp-contract=off so
 // no FMA changes a rounding and the choice matches numpy exactly.
 
@@ -91,6 +95,8 @@ struct Domain {
   std::vector<uint32_t> length;
   std::vector<int64_t> block_pos;
   int fd = -1;  // >= 0: read tokens with pread(fd) instead of the mapping
+  py::object mask_ref;  // keeps the mapped loss mask alive (None: every label counts)
+  const uint8_t* mask = nullptr;
 };
 
 class SamplerCore {
@@ -142,7 +148,29 @@ class SamplerCore {
     window_.assign(nd, 0);
     rank_sequences_.assign(nd, 0);
     scratch_.resize(seq_len_ + 1);
+    mask_scratch_.resize(seq_len_ + 1);
     read_buf_.resize((seq_len_ + 1) * 4);
+  }
+
+  // Per domain its loss mask (a contiguous uint8 array of one entry per token) or None.
+  void set_masks(py::list masks, int64_t ignore_index) {
+    if (masks.size() != domains_.size())
+      throw std::invalid_argument("masks: expected one entry (an array or None) per domain");
+    for (size_t d = 0; d < domains_.size(); ++d) {
+      Domain& D = domains_[d];
+      if (masks[d].is_none()) {
+        D.mask_ref = py::none();
+        D.mask = nullptr;
+        continue;
+      }
+      py::array m = py::reinterpret_borrow<py::array>(masks[d]);
+      if (m.ndim() != 1 || !(m.flags() & py::array::c_style) || !m.dtype().is(py::dtype::of<uint8_t>()) ||
+          m.shape(0) != D.n_tokens)
+        throw std::invalid_argument("masks[" + std::to_string(d) + "]: expected a uint8 array of one entry per token");
+      D.mask_ref = m;
+      D.mask = static_cast<const uint8_t*>(m.data());
+    }
+    ignore_index_ = ignore_index;
   }
 
   void set_weights(py::array_t<double, py::array::c_style | py::array::forcecast> w) {
@@ -195,7 +223,12 @@ class SamplerCore {
         fill<uint32_t>(D, d, k * L);
       }
       std::memcpy(in + row * L, scratch_.data(), sizeof(int64_t) * L);
-      std::memcpy(lab + row * L, scratch_.data() + 1, sizeof(int64_t) * L);
+      if (D.mask == nullptr) {
+        std::memcpy(lab + row * L, scratch_.data() + 1, sizeof(int64_t) * L);
+      } else {
+        for (int64_t t = 0; t < L; ++t)
+          lab[row * L + t] = mask_scratch_[t + 1] ? scratch_[t + 1] : ignore_index_;
+      }
       std::fill(dom + row * L, dom + (row + 1) * L, static_cast<int64_t>(d));
       rank_sequences_[d] += 1;
     }
@@ -358,10 +391,12 @@ class SamplerCore {
           }
           int64_t* dst = out + i;
           for (int64_t t = 0; t < take; ++t) dst[t] = static_cast<int64_t>(src[t]);
+          if (D.mask != nullptr) std::memcpy(mask_scratch_.data() + i, D.mask + start + off, take);
           i += take;
           pos += take;
         }
         if (i < n) {  // the document is exhausted: its separator
+          mask_scratch_[i] = 0;
           out[i++] = sep_;
           pos += 1;
         }
@@ -377,6 +412,8 @@ class SamplerCore {
   std::vector<Domain> domains_;
   std::vector<double> weights_;
   std::vector<int64_t> seq_index_, window_, rank_sequences_, scratch_;
+  std::vector<uint8_t> mask_scratch_;  // loss mask of scratch_ (domains with a mask)
+  int64_t ignore_index_ = -100;
   std::vector<char> read_buf_;  // pread destination, (L + 1) * 4 bytes
 };
 
@@ -390,6 +427,7 @@ PYBIND11_MODULE(_sampler_ext, m) {
            py::arg("seed"), py::arg("rank"), py::arg("world_size"))
       .def("set_weights", &SamplerCore::set_weights)
       .def("set_read_fds", &SamplerCore::set_read_fds)
+      .def("set_masks", &SamplerCore::set_masks)
       .def("next_batch", &SamplerCore::next_batch)
       .def("get_state", &SamplerCore::get_state)
       .def("set_state", &SamplerCore::set_state)

@@ -14,6 +14,7 @@ from .parse import (
     tomllib,
 )
 from .run import (
+    RESUMABLE_KEYS,
     CheckpointConfig,
     DataConfig,
     DDKConfig,
@@ -23,11 +24,13 @@ from .run import (
     OutputConfig,
     RunConfig,
     TrainConfig,
+    expand_data_files,
+    looks_like_hub_id,
 )
 
 __all__ = [
     "CheckpointConfig", "CurriculumConfig", "DataConfig", "DDKConfig", "DomainConfig", "HiddenConfig",
     "LossConfig", "ModelConfig", "OutputConfig", "RunConfig", "StageConfig", "TeacherPromptConfig",
     "TrainConfig", "apply_overrides", "build_config", "dump_toml", "load_config", "parse_override",
-    "reference_markdown", "tomllib",
+    "reference_markdown", "tomllib", "RESUMABLE_KEYS", "expand_data_files", "looks_like_hub_id",
 ]  # fmt: skip

@@ -10,6 +10,8 @@ working directory (as ``python -m ddk_fast.train`` users run from their project 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,28 +34,46 @@ class DomainConfig:
     )
     files: list[str] = _opt(
         [],
-        "local data files of this domain (.jsonl, .json, .parquet, .txt)",
+        "local data files of this domain (.jsonl, .json, .parquet, .txt); globs such as "
+        '"data/code/*.jsonl" are expanded, sorted (a glob that matches nothing is an error)',
         lambda v: len(v) > 0,
         "a non-empty list of file paths",
     )
     text_field: str = _opt("text", "field holding the document text (ignored for .txt files)")
     weight: float = _opt(1.0, 'static mixing proportion (used when [ddk] mixing = "static")', *_nonneg)
+    format: Literal["auto", "text", "chat", "prompt_completion"] = _opt(
+        "auto",
+        "record format: text (the text_field), chat (`messages`: a list of {role, content}, rendered with "
+        "the student tokenizer's chat template), prompt_completion (`prompt` + `completion` strings); auto = "
+        "from the first record of each file (a file mixing formats is an error naming file:line)",
+    )
+    text_unit: Literal["file", "paragraph", "line"] = _opt(
+        "file",
+        ".txt files only: one document per file, per paragraph (blocks separated by blank lines) or per "
+        "non-blank line",
+    )
 
 
 @dataclass
 class ModelConfig:
-    teacher: str = _opt("", "local path of the teacher (a Hugging Face causal-LM folder)")
+    teacher: str = _opt(
+        "",
+        'the teacher: a local Hugging Face causal-LM folder or a Hub id ("Qwen/Qwen2.5-7B-Instruct"), '
+        "loaded through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only)",
+    )
     teacher_config: dict = _opt(
         {},
         "inline transformers config for a randomly initialised teacher (tests); "
         "used when `teacher` is empty; needs model_type",
     )
-    student: str = _opt("", "local path of the student; empty = build it from the teacher (see next key)")
+    student: str = _opt(
+        "", "the student: a local folder or a Hub id; empty = build it from the teacher (see next key)"
+    )
     student_from_teacher_layers: list[int] = _opt(
         [], "build the student from the teacher keeping these decoder layers (DistilBERT-style init)"
     )
     student_config: dict = _opt({}, "inline transformers config for a randomly initialised student (tests)")
-    tokenizer: str = _opt("", "tokenizer path; empty = the teacher's folder")
+    tokenizer: str = _opt("", "tokenizer folder or Hub id; empty = the teacher's")
     student_mode: Literal["qlora", "lora", "full"] = _opt(
         "qlora", "qlora: NF4 4-bit frozen base + LoRA; lora: LoRA on a full-precision base; full: all weights"
     )
@@ -77,6 +97,15 @@ class ModelConfig:
         "",
         "folder written by `python -m ddk_fast.teacher_cache`: train from the teacher's cached top-k "
         "(sparse-teacher loss) and never run the teacher; empty = run the teacher online",
+    )
+    teacher_revision: str = _opt(
+        "", "branch, tag or commit of a Hub teacher (and of its tokenizer); empty = main"
+    )
+    student_revision: str = _opt("", "branch, tag or commit of a Hub student; empty = main")
+    trust_remote_code: bool = _opt(
+        False,
+        "let transformers run Python code shipped with a model or tokenizer (config.json `auto_map`); "
+        "off: such a model is refused before it loads",
     )
 
 
@@ -116,6 +145,24 @@ class DataConfig:
         "fraction of a file's records that may be bad (no text field, empty, undecodable) and are skipped; "
         "above it the run stops before training, naming file:line of the first",
         *_unit,
+    )
+
+    loss_on: Literal["completion", "all"] = _opt(
+        "completion",
+        "which tokens the CE and KD terms (and DDK's val/test CE) count in chat and prompt_completion "
+        "domains: completion = the assistant turns / the completion only; all = every token (text domains "
+        "always count every token)",
+    )
+    chat_template: str = _opt(
+        "",
+        "a Jinja chat-template file used for chat domains instead of the student tokenizer's own; "
+        "empty = the tokenizer's (a tokenizer without one is an error when a domain is chat)",
+    )
+    long_examples: Literal["truncate", "drop"] = _opt(
+        "truncate",
+        "a conversation or prompt/completion longer than seq_len - 1 tokens (it is never split over two "
+        "sequences): truncate = keep its first seq_len - 1 tokens (dropped when no completion token is "
+        "left); drop = leave it out; counted per file and logged",
     )
 
     @property
@@ -220,8 +267,19 @@ class CheckpointConfig:
 @dataclass
 class OutputConfig:
     dir: str = _opt("runs/ddk", "run directory: resolved config, metrics.jsonl, checkpoints, report")
-    tensorboard: bool = _opt(True, "also write tensorboard events when tensorboard is installed")
+    tensorboard: bool = _opt(True, 'false = leave "tensorboard" out of report_to (the key older configs use)')
     progress: bool = _opt(True, "show a progress bar")
+    report_to: list[Literal["tensorboard", "wandb"]] = _opt(
+        ["tensorboard"],
+        "trackers that get the metrics.jsonl scalars (per-domain ones included): tensorboard (when "
+        "installed), wandb (pip install 'ddk_fast[wandb]'; WANDB_MODE=offline writes a local run)",
+    )
+    wandb_project: str = _opt("ddk_fast", "wandb project of the run (the run is named after [output] dir)")
+
+    @property
+    def trackers(self) -> list[str]:
+        """``report_to`` without tensorboard when ``tensorboard = false``."""
+        return [t for t in dict.fromkeys(self.report_to) if t != "tensorboard" or self.tensorboard]
 
 
 @dataclass
@@ -241,12 +299,49 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _exists(path: str, key: str, want_dir: bool = False) -> None:
+# Keys that may change on --resume: they take effect from the resumed step and the run records them with
+# that step (<run>/config_history.jsonl). Any other changed key is refused (exit 2), so a run's record never
+# states a value it did not use. The README lists them (a test keeps the list in sync).
+RESUMABLE_KEYS = (
+    "train.max_steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.weight_decay",
+    "train.max_grad_norm", "train.max_bad_steps", "train.log_every", "train.device",
+    "checkpoint.every", "checkpoint.keep_last",
+    "ddk.interval", "ddk.eval_batch_size",
+    "data.prefetch", "data.sampler_backend", "data.cache_dir",
+    "model.attn_implementation", "model.gradient_checkpointing",
+    "output.dir", "output.progress", "output.tensorboard", "output.report_to", "output.wandb_project",
+)  # fmt: skip
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """``spec`` is not an existing path and has the form of a Hub repository id (``name`` or ``org/name``)."""
+    return bool(spec) and not Path(spec).exists() and bool(_HUB_ID.match(spec)) and ".." not in spec
+
+
+def expand_data_files(files: list[str]) -> list[tuple[str, list[str]]]:
+    """Each entry of a domain's ``files`` with the paths it stands for: a glob (``*``, ``?``, ``[``) expands
+    to its matches, sorted (recursive ``**`` allowed); a plain path stands for itself."""
+    out = []
+    for f in files:
+        if _GLOB_CHARS.search(f):
+            out.append((f, sorted(glob.glob(f, recursive=True))))
+        else:
+            out.append((f, [f]))
+    return out
+
+
+def _exists(path: str, key: str, want_dir: bool = False, hub: bool = False) -> None:
     p = Path(path)
+    if hub and looks_like_hub_id(path):
+        return  # a Hub id: the pre-flight resolves it through the Hugging Face cache
     if not p.exists():
-        raise ConfigError(
-            key, path, "an existing " + ("folder" if want_dir else "file"), f"resolved to {p.resolve()}"
+        what = (
+            "an existing " + ("folder" if want_dir else "file") + (" or a Hub id (org/name)" if hub else "")
         )
+        raise ConfigError(key, path, what, f"resolved to {p.resolve()}")
 
 
 def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
@@ -268,6 +363,8 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
         raise ConfigError(
             "model.student_from_teacher_layers", layers, "distinct, increasing layer indices >= 0"
         )
+    if m.student_revision and not m.student:
+        raise ConfigError("model.student_revision", m.student_revision, "empty unless [model] student is set")
     if m.tokenizer == "" and not m.teacher:
         raise ConfigError("model.tokenizer", m.tokenizer, "a tokenizer path when the teacher is inline")
     names = [dom.name for dom in d.domains]
@@ -302,15 +399,23 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
     if m.teacher_cache:
         _exists(m.teacher_cache, "model.teacher_cache", want_dir=True)
     if m.teacher:
-        _exists(m.teacher, "model.teacher", want_dir=True)
+        _exists(m.teacher, "model.teacher", want_dir=True, hub=True)
     if m.student:
-        _exists(m.student, "model.student", want_dir=True)
+        _exists(m.student, "model.student", want_dir=True, hub=True)
     if m.tokenizer:
-        _exists(m.tokenizer, "model.tokenizer", want_dir=True)
+        _exists(m.tokenizer, "model.tokenizer", want_dir=True, hub=True)
+    if d.chat_template:
+        _exists(d.chat_template, "data.chat_template")
     for i, dom in enumerate(d.domains):
-        for j, f in enumerate(dom.files):
-            _exists(f, f"data.domains[{i}].files[{j}]")
-            if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+        for j, (spec, paths) in enumerate(expand_data_files(dom.files)):
+            if not paths:
                 raise ConfigError(
-                    f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
-                )
+                    f"data.domains[{i}].files[{j}]", spec, "a glob that matches at least one file",
+                    f"it matches nothing from {Path.cwd()}",
+                )  # fmt: skip
+            for f in paths:
+                _exists(f, f"data.domains[{i}].files[{j}]")
+                if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+                    raise ConfigError(
+                        f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
+                    )

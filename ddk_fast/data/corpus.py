@@ -1,12 +1,12 @@
 """Corpus preparation: local files per domain -> tokenised, cached train/validation token shards.
 
-``prepare_domains`` reads each domain's files (``.jsonl`` and ``.txt`` line by line, so a bad record has a
-line number; ``.json`` and ``.parquet`` with ``datasets.load_dataset``, offline; ``.txt`` is one document per
-non-blank line, field ``"text"`` whatever ``text_field`` says), tokenises every document once without
-special tokens (the sampler inserts the separator), counts bad records per file (no string ``text_field``,
-empty, undecodable: :class:`FileFaults`, logged; above ``max_bad_records`` a ConfigError names
-``file:line`` of the first; the counts are cached in ``faults.json`` and checked again on reuse), and holds
-out two fixed splits per domain, drawn
+``prepare_domains`` expands each domain's ``files`` (globs, sorted), reads them into records
+(``records.py``: text, chat or prompt/completion records; ``.txt`` split by ``text_unit``), tokenises every
+document once without special tokens (the sampler inserts the separator) -- chat and prompt/completion
+examples with their loss mask, packed whole into blocks of ``seq_len - 1`` tokens (``examples.py``) --
+counts bad records per file (no usable field, empty, undecodable: :class:`FileFaults`, logged; above
+``max_bad_records`` a ConfigError names ``file:line`` of the first; the counts are cached in
+``faults.json`` and checked again on reuse), and holds out two fixed splits per domain, drawn
 from one seeded permutation of the documents: ``val`` (what DDK steers on) takes whole documents until it
 holds ``val_sequences * (seq_len + 1)`` tokens (separators included), then ``test`` (reported only) takes the
 next documents until ``test_sequences * (seq_len + 1)``. The three splits are disjoint sets of documents;
@@ -15,7 +15,9 @@ the rest is the training shard.
 Shards are cached under ``cache_dir/<domain>-<key>/{train,val,test}``. The key hashes everything the content
 depends on: the tokenizer (its ``tokenizer.json`` serialisation, or sorted vocabulary, plus the special
 tokens), the *bytes* of every file (size and mtime are not enough), the file formats, ``text_field``,
-``seed``, ``seq_len``, ``val_sequences``, ``test_sequences`` and ``FORMAT_VERSION``. A second run with
+``format``, ``text_unit`` (and for records that may be chat: the chat template, ``loss_on``,
+``long_examples``, the pad id), ``seed``, ``seq_len``, ``val_sequences``, ``test_sequences`` and
+``FORMAT_VERSION``. A second run with
 the same inputs reuses the shards ("reusing cached shards" in the log); any change builds new ones. A domain
 directory is built under a temporary name and renamed when complete, so an interrupted run never leaves a
 partial cache.
@@ -38,13 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import expand_data_files
 from ..errors import ConfigError
+from .examples import BlockPacker, ExampleEncoder
 from .packing import fill_from_stream, stream_cumsum
+from .records import FileFaults, read_records
 from .shards import ShardError, ShardWriter, TokenShard
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: a test split beside val; 3: faults.json (bad-record counts) per domain
+FORMAT_VERSION = 4  # 2: a test split beside val; 3: faults.json per domain; 4: chat data, masks, text_unit
 EXTENSION_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_BATCH = 1000
 FAULTS_FILE = "faults.json"
@@ -107,15 +112,22 @@ def _check_files(i: int, files: Sequence[str]) -> list[tuple[Path, str]]:
     if not files:
         raise ConfigError(path, list(files), "at least one data file (.jsonl, .json, .parquet or .txt)")
     out = []
-    for f in files:
-        p = Path(f)
-        fmt = EXTENSION_FORMATS.get(p.suffix.lower())
-        if fmt is None:
-            raise ConfigError(path, str(f), f"a file ending in one of {sorted(EXTENSION_FORMATS)}")
-        if not p.is_file():
-            raise ConfigError(path, str(f), "an existing file", hint=f"{f} does not exist")
-        out.append((p, fmt))
+    for spec, matches in expand_data_files([str(f) for f in files]):
+        if not matches:
+            raise ConfigError(path, spec, "a glob that matches at least one file", f"from {Path.cwd()}")
+        for f in matches:
+            out.append(_check_file(path, f))
     return out
+
+
+def _check_file(path: str, f: str) -> tuple[Path, str]:
+    p = Path(f)
+    fmt = EXTENSION_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise ConfigError(path, str(f), f"a file ending in one of {sorted(EXTENSION_FORMATS)}")
+    if not p.is_file():
+        raise ConfigError(path, str(f), "an existing file", hint=f"{f} does not exist")
+    return p, fmt
 
 
 def _cache_key(tokenizer_fp: str, files: list[tuple[Path, str]], text_field: str, **params) -> str:
@@ -129,112 +141,6 @@ def _cache_key(tokenizer_fp: str, files: list[tuple[Path, str]], text_field: str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-@dataclass
-class FileFaults:
-    """Bad records of one file: without the text field (or not a string), empty, undecodable."""
-
-    path: str
-    records: int = 0
-    missing_field: int = 0
-    empty: int = 0
-    undecodable: int = 0
-    first: str | None = None  # "file:line: what is wrong" of the first bad record
-
-    @property
-    def bad(self) -> int:
-        return self.missing_field + self.empty + self.undecodable
-
-    def note(self, kind: str, where: str, what: str) -> None:
-        setattr(self, kind, getattr(self, kind) + 1)
-        if self.first is None:
-            self.first = f"{where}: {what}"
-
-    def summary(self, text_field: str) -> str:
-        parts = [
-            f"{n} {label}"
-            for n, label in (
-                (self.missing_field, f"without a string field {text_field!r}"),
-                (self.empty, "empty"),
-                (self.undecodable, "undecodable"),
-            )
-            if n
-        ]
-        what = ", ".join(parts)
-        return f"{self.bad} of {self.records} records bad in {self.path} ({what}; first: {self.first})"
-
-
-def _read_lines(p: Path, fmt: str, field: str, faults: FileFaults):
-    """.jsonl / .txt read line by line, so a bad record has a line number: yields (where, text)."""
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{p}:{lineno}"
-            if fmt == "text":
-                line = raw.rstrip(b"\r\n")
-                if not line.strip():
-                    continue  # a blank line separates documents in a .txt file: not a record
-                faults.records += 1
-                try:
-                    yield where, line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    faults.note("undecodable", where, f"not UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if not raw.strip():
-                continue  # blank line between JSON records
-            faults.records += 1
-            try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, ValueError) as exc:
-                faults.note("undecodable", where, f"not a JSON record ({str(exc)[:80]})")
-                continue
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                what = (
-                    f"no field {field!r}"
-                    if not isinstance(record, dict) or field not in record
-                    else (f"field {field!r} is {type(text).__name__}, not a string")
-                )
-                faults.note("missing_field", where, what)
-                continue
-            yield where, text
-
-
-def _read_table(i: int, p: Path, fmt: str, field: str, faults: FileFaults, hf_cache: Path, num_proc):
-    """.json / .parquet through ``datasets``: yields (file:record, text)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(
-            fmt, data_files=str(p), split="train", cache_dir=str(hf_cache), num_proc=num_proc
-        )
-    except Exception as exc:
-        raise ConfigError(
-            f"data.domains[{i}].files", str(p), f"a readable {fmt} file", hint=f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if field not in ds.column_names:
-        raise ConfigError(
-            f"data.domains[{i}].text_field", field, f"a field of the data; {p} has fields {ds.column_names}"
-        )
-    for start in range(0, len(ds), _TOKENIZE_BATCH):
-        for j, text in enumerate(ds[start : start + _TOKENIZE_BATCH][field], start + 1):
-            faults.records += 1
-            if not isinstance(text, str):
-                faults.note("missing_field", f"{p}:record {j}", f"field {field!r} is {text!r:.40}")
-                continue
-            yield f"{p}:record {j}", text
-
-
-def _records(i: int, p: Path, fmt: str, text_field: str, faults: FileFaults, hf_cache: Path, num_proc):
-    field = "text" if fmt == "text" else text_field
-    if p.suffix.lower() in (".jsonl", ".txt"):
-        yield from _read_lines(p, fmt, field, faults)
-        if faults.records and faults.missing_field == faults.records:  # the field is nowhere: a config error
-            raise ConfigError(
-                f"data.domains[{i}].text_field", text_field, f"a field of the data; {faults.first}"
-            )
-    else:
-        yield from _read_table(i, p, fmt, field, faults, hf_cache, num_proc)
-
-
 def _add_batch(w: ShardWriter, tokenizer, batch: list[tuple[str, str]], faults: FileFaults) -> None:
     """Tokenise a batch of (where, text) and append the non-empty documents to the shard."""
     if not batch:
@@ -246,26 +152,93 @@ def _add_batch(w: ShardWriter, tokenizer, batch: list[tuple[str, str]], faults: 
             faults.note("empty", where, "no text (tokenises to nothing)")
 
 
+def _add_examples(encoder: ExampleEncoder, packer: BlockPacker, batch: list, faults: FileFaults) -> None:
+    """Encode a batch of chat / prompt-completion records and pack them (examples.py)."""
+    if not batch:
+        return
+    for (where, _), (ids, mask) in zip(batch, encoder.encode(faults.format, [v for _, v in batch])):
+        if not ids or not any(mask):
+            what = "no tokens" if not ids else "no assistant / completion token to train on"
+            faults.note("empty", where, what)
+            continue
+        packer.add(ids, mask, faults)
+
+
+@dataclass(frozen=True)
+class ExampleSettings:
+    """How chat / prompt-completion records become training examples (``[data]`` keys)."""
+
+    chat_template: str | None = None  # None: the tokenizer's own
+    loss_on: str = "completion"
+    long_examples: str = "truncate"
+
+    def key(self, tokenizer) -> dict:
+        template = self.chat_template or getattr(tokenizer, "chat_template", None) or ""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return {
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+            "loss_on": self.loss_on,
+            "long_examples": self.long_examples,
+            "pad": pad,
+        }
+
+
 def _tokenise_domain(
-    i, name, files, text_field, tokenizer, vocab_size, out_dir, hf_cache, num_proc
+    i, dom, files, tokenizer, vocab_size, out_dir, hf_cache, num_proc, seq_len, examples: ExampleSettings
 ) -> tuple[TokenShard, list[FileFaults]]:
     from tqdm.auto import tqdm
 
-    report = []
-    with ShardWriter(out_dir, vocab_size, {"domain": name, "split": "all"}) as w:
+    report: list[FileFaults] = []
+    first: FileFaults | None = None  # the file that set the domain's format
+    encoder = packer = None
+    with ShardWriter(out_dir, vocab_size, {"domain": dom.name, "split": "all"}) as w:
+
+        def flush(batch: list, faults: FileFaults) -> None:
+            nonlocal first, encoder, packer
+            if not batch:
+                return
+            if first is None:
+                first = faults
+            elif faults.format != first.format:
+                raise ConfigError(
+                    f"data.domains[{i}].files",
+                    faults.path,
+                    f"files of one format per domain ({first.path} is {first.format})",
+                    f"{faults.path} is {faults.format}",
+                )
+            if faults.format == "text":
+                _add_batch(w, tokenizer, batch, faults)
+                return
+            if encoder is None:
+                encoder = ExampleEncoder(tokenizer, examples.chat_template, examples.loss_on, i, dom.name)
+                pad = getattr(tokenizer, "pad_token_id", None)
+                packer = BlockPacker(seq_len - 1, tokenizer.eos_token_id if pad is None else pad,
+                                     examples.long_examples, lambda ids, m: w.add(ids, m))  # fmt: skip
+            _add_examples(encoder, packer, batch, faults)
+
         for p, fmt in files:
             faults = FileFaults(str(p))
             report.append(faults)
-            batch: list[tuple[str, str]] = []
+            batch: list = []
             big = p.stat().st_size >= _PROGRESS_MIN_BYTES
-            with tqdm(desc=f"tokenising {name} ({p.name})", unit="doc", disable=not big) as bar:
-                for where, text in _records(i, p, fmt, text_field, faults, hf_cache, num_proc):
-                    batch.append((where, text))
+            with tqdm(desc=f"tokenising {dom.name} ({p.name})", unit="doc", disable=not big) as bar:
+                for where, value in read_records(i, p, fmt, dom, faults, hf_cache, num_proc):
+                    batch.append((where, value))
                     if len(batch) >= _TOKENIZE_BATCH:
-                        _add_batch(w, tokenizer, batch, faults)
+                        flush(batch, faults)
                         bar.update(len(batch))
                         batch = []
-                _add_batch(w, tokenizer, batch, faults)
+                flush(batch, faults)
+        if packer is not None:
+            packer.flush()
+            n = packer.blocks * packer.block_len
+            kept = sum(f.records - f.bad - f.dropped_long for f in report)
+            logger.info(
+                "domain %s: %d %s examples packed whole into %d sequences of %d tokens, %.1f %% padding; "
+                "%d truncated, %d dropped (longer than %d tokens)",
+                dom.name, kept, first.format, packer.blocks, seq_len, 100 * packer.padding / max(n, 1),
+                sum(f.truncated for f in report), sum(f.dropped_long for f in report), seq_len - 1,
+            )  # fmt: skip
     return TokenShard.open(out_dir), report
 
 
@@ -301,7 +274,7 @@ def _copy_docs(src: TokenShard, docs: np.ndarray, out_dir: Path, extra_meta: dic
             idx = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(
                 starts - (np.cumsum(lens) - lens), lens
             )
-            w.add_block(src.tokens[idx], lens)
+            w.add_block(src.tokens[idx], lens, None if src.mask is None else src.mask[idx])
     return TokenShard.open(out_dir)
 
 
@@ -350,6 +323,7 @@ def prepare_domains(
     seed: int = 0,
     num_proc: int | None = None,
     max_bad_records: float = 0.0,
+    examples: ExampleSettings | None = None,
 ) -> list[PreparedDomain]:
     """Tokenise (or reuse from ``cache_dir``) every domain into train/val/test :class:`TokenShard` s.
 
@@ -365,6 +339,8 @@ def prepare_domains(
         max_bad_records: fraction of a file's records that may be bad (no text field, empty, undecodable)
             and are skipped with a warning; above it ConfigError names ``file:line`` of the first. The
             counts are stored with the shards and checked again when they are reused.
+        examples: chat template, ``loss_on`` and ``long_examples`` for chat / prompt-completion records
+            (default: the tokenizer's template, completion tokens, truncate).
 
     Returns:
         One :class:`PreparedDomain` per domain, in order.
@@ -382,9 +358,12 @@ def prepare_domains(
     hf_cache = cache / "hf_datasets"
     tok_fp = tokenizer_fingerprint(tokenizer)
     vocab_size = tokenizer_vocab_size(tokenizer)
+    examples = examples or ExampleSettings()
     checked = [_check_files(i, d.files) for i, d in enumerate(domains)]  # all paths first: fail fast
     out = []
     for i, (dom, files) in enumerate(zip(domains, checked)):
+        fmt, unit = getattr(dom, "format", "auto"), getattr(dom, "text_unit", "file")
+        may_chat = fmt != "text" and any(kind != "text" for _, kind in files)
         key = _cache_key(
             tok_fp,
             files,
@@ -393,6 +372,9 @@ def prepare_domains(
             seq_len=seq_len,
             val_sequences=val_sequences,
             test_sequences=test_sequences,
+            format=fmt,
+            text_unit=unit,
+            **(examples.key(tokenizer) if may_chat else {}),
         )
         final = cache / f"{_safe(dom.name)}-{key}"
         if final.is_dir():
@@ -411,7 +393,7 @@ def prepare_domains(
         tmp.mkdir(parents=True)
         try:
             all_shard, report = _tokenise_domain(
-                i, dom.name, files, dom.text_field, tokenizer, vocab_size, tmp / "all", hf_cache, num_proc
+                i, dom, files, tokenizer, vocab_size, tmp / "all", hf_cache, num_proc, seq_len, examples
             )
             if all_shard.num_docs == 0:
                 raise ConfigError(
@@ -431,6 +413,8 @@ def prepare_domains(
                 seed=seed,
             )
             meta = {"domain": dom.name, "cache_key": key, "tokenizer": tok_fp}
+            if all_shard.mask is not None:  # examples packed whole into seq_len - 1 token blocks
+                meta["packed_seq_len"] = seq_len
             _copy_docs(all_shard, train_docs, tmp / "train", {**meta, "split": "train"})
             _copy_docs(all_shard, val_docs, tmp / "val", {**meta, "split": "val"})
             _copy_docs(all_shard, test_docs, tmp / "test", {**meta, "split": "test"})
@@ -456,8 +440,11 @@ def prepare_domains(
 
 
 def prepare_config_domains(data_cfg, tokenizer) -> list[PreparedDomain]:
-    """:func:`prepare_domains` with every setting taken from a ``[data]`` section (:class:`DataConfig`)."""
+    """:func:`prepare_domains` with every setting taken from a ``[data]`` section (:class:`DataConfig`).
+    Chat records are rendered with ``[data] chat_template`` (a file) when set, else the tokenizer's
+    template (``models.loading.load_tokenizer`` gives the run tokenizer the student's template)."""
     d = data_cfg
+    chat_template = Path(d.chat_template).read_text() if d.chat_template else None
     return prepare_domains(
         d.domains,
         tokenizer,
@@ -467,6 +454,7 @@ def prepare_config_domains(data_cfg, tokenizer) -> list[PreparedDomain]:
         test_sequences=d.num_test_sequences,
         seed=d.split_seed,
         max_bad_records=d.max_bad_records,
+        examples=ExampleSettings(chat_template, d.loss_on, d.long_examples),
     )
 
 
@@ -475,14 +463,20 @@ def _open_splits(folder: Path) -> tuple[TokenShard, TokenShard, TokenShard]:
 
 
 def validation_batches(
-    val_shard: TokenShard, seq_len: int, num_sequences: int, sep_token_id: int, domain_id: int
+    val_shard: TokenShard,
+    seq_len: int,
+    num_sequences: int,
+    sep_token_id: int,
+    domain_id: int,
+    ignore_index: int = -100,
 ) -> dict[str, np.ndarray]:
     """The fixed validation set of one domain: ``input_ids``, ``labels``, ``domain_ids`` int64
     ``[num_sequences, seq_len]``, identical on every call.
 
     Same packing as training (documents in stored order, a separator after each, sequence k = stream
     tokens ``[k * seq_len, k * seq_len + seq_len + 1)``) without shuffling; wraps around if the split is
-    shorter than ``num_sequences`` sequences (prepare_domains sizes it so that it never is).
+    shorter than ``num_sequences`` sequences (prepare_domains sizes it so that it never is). A shard with
+    a loss mask (chat / prompt-completion) gets ``ignore_index`` labels where the mask is 0, as in training.
     """
     if val_shard.num_docs == 0:
         raise ValueError(f"validation shard {val_shard.path} has no documents")
@@ -490,6 +484,7 @@ def validation_batches(
     cum = stream_cumsum(val_shard.offsets, order)
     stream_len = int(cum[-1])
     out = np.empty((num_sequences, seq_len + 1), dtype=np.int64)
+    mask = np.ones((num_sequences, seq_len + 1), dtype=np.uint8)
     for k in range(num_sequences):
         fill_from_stream(
             val_shard.tokens,
@@ -499,9 +494,13 @@ def validation_batches(
             k * seq_len,
             out[k],
             sep_token_id,
+            mask=val_shard.mask,
+            mask_out=mask[k],
         )
+    labels = np.ascontiguousarray(out[:, 1:])
+    labels[mask[:, 1:] == 0] = ignore_index  # chat / prompt-completion: only the counted tokens
     return {
         "input_ids": np.ascontiguousarray(out[:, :-1]),
-        "labels": np.ascontiguousarray(out[:, 1:]),
+        "labels": labels,
         "domain_ids": np.full((num_sequences, seq_len), domain_id, dtype=np.int64),
     }

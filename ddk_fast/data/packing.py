@@ -12,6 +12,10 @@ Everything here is defined by integer arithmetic so both backends agree exactly:
   overlap by one token, so every stream token except the first is a label exactly once (Megatron's GPT
   dataset convention); ``input = seq[:-1]``, ``labels = seq[1:]``. A domain shorter than one sequence simply
   wraps into its next epoch inside the sequence.
+* **Loss masks** (chat / prompt-completion domains, ``data/examples.py``): a shard may carry one uint8 per
+  token (:meth:`NumpySamplerCore.set_masks`); then ``labels[i] = ignore_index`` where the mask of the label's
+  stream position is 0, and every separator of that domain has mask 0. A domain without a mask counts every
+  label.
 * **Domain choice** for the n-th sequence since the last weight change (n = 0, 1, ...): the domain with the
   largest deficit ``w[d] * (n + 1) - count[d]`` (first index on ties), then ``count[d] += 1`` (Megatron-LM's
   blending rule). Over any prefix the realised counts stay within one sequence of ``n * w``.
@@ -84,11 +88,14 @@ def fill_from_stream(
     out: np.ndarray,
     sep: int,
     touch: Callable[[int, int], None] | None = None,
+    mask: np.ndarray | None = None,
+    mask_out: np.ndarray | None = None,
 ) -> None:
     """Copy ``out.size`` stream tokens starting at stream position ``pos`` into ``out``.
 
     ``epoch_order(e)`` returns (document order, its stream_cumsum) for epoch e; ``touch(a, b)`` (optional)
-    is told the byte range ``[a, b)`` of the token file read for each piece.
+    is told the byte range ``[a, b)`` of the token file read for each piece. ``mask`` (the shard's loss mask,
+    optional): the same stream positions' mask values go to ``mask_out`` (separators: 0).
     """
     n = out.size
     i = 0
@@ -106,12 +113,16 @@ def fill_from_stream(
             if off < length:
                 take = min(length - off, n - i)
                 out[i : i + take] = tokens[start + off : start + off + take]
+                if mask is not None:
+                    mask_out[i : i + take] = mask[start + off : start + off + take]
                 if touch is not None:
                     touch((start + off) * itemsize, (start + off + take) * itemsize)
                 i += take
                 pos += take
             if i < n:  # the document is exhausted: its separator
                 out[i] = sep
+                if mask is not None:
+                    mask_out[i] = 0
                 i += 1
                 pos += 1
             j += 1
@@ -153,6 +164,19 @@ class NumpySamplerCore:
         self._regions: list[list[int]] = [[] for _ in range(nd)]
         self._cache: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * nd
         self._scratch = np.empty(seq_len + 1, dtype=np.int64)
+        self.masks: list[np.ndarray | None] = [None] * nd
+        self.ignore_index = -100
+        self._mask_scratch = np.empty(seq_len + 1, dtype=np.uint8)
+
+    def set_masks(self, masks: list, ignore_index: int) -> None:
+        """Per domain its uint8 loss mask (one per token) or None (every label counts)."""
+        if len(masks) != len(self.tokens):
+            raise ValueError("masks: expected one entry (an array or None) per domain")
+        for d, m in enumerate(masks):
+            if m is not None and (m.dtype != np.uint8 or m.shape != self.tokens[d].shape):
+                raise ValueError(f"masks[{d}]: expected a uint8 array of one entry per token")
+        self.masks = list(masks)
+        self.ignore_index = int(ignore_index)
 
     def _epoch(self, d: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         c = self._cache[d]
@@ -213,9 +237,13 @@ class NumpySamplerCore:
                     seq,
                     self.sep,
                     touch,
+                    self.masks[d],
+                    self._mask_scratch,
                 )
                 input_ids[row] = seq[:-1]
                 labels[row] = seq[1:]
+                if self.masks[d] is not None:
+                    labels[row][self._mask_scratch[1:] == 0] = self.ignore_index
                 domain_ids[row] = d
                 self.rank_sequences[d] += 1
 

@@ -20,8 +20,9 @@ Design choices (measurements in docs/sampler.md):
 * **Continuous packing:** documents are concatenated with one separator token after each; sequence k of a
   domain is stream tokens ``[k * seq_len, k * seq_len + seq_len + 1)`` (consecutive sequences share one
   token, so every token is a label once). A domain runs into its next epoch (a new order) when exhausted,
-  also within a sequence, so a domain smaller than one sequence works. No padding is ever produced, so no
-  label is ``ignore_index`` (the argument is kept for the interface: padded packing would use it).
+  also within a sequence, so a domain smaller than one sequence works. Text is never padded. A shard with a
+  loss mask (chat / prompt-completion data, packed whole into blocks of ``seq_len - 1`` tokens by
+  ``data/examples.py``, so each sequence is one block) gets ``labels = ignore_index`` where the mask is 0.
 * **Ranks:** all ranks walk the same global batch of ``world_size * batch_size`` domain choices; rank r
   materialises rows ``[r * B, (r + 1) * B)``. Each choice takes its domain's next sequence index, so ranks
   never overlap. The state is global (identical on all ranks but the per-rank report counters), so a run
@@ -124,6 +125,13 @@ class DomainSampler:
         self.sep_token_id, self.seed = int(sep_token_id), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.ignore_index = int(ignore_index)
+        for i, s in enumerate(shards):
+            packed = s.meta.get("packed_seq_len")
+            if s.mask is not None and packed is not None and int(packed) != self.seq_len:
+                raise ValueError(
+                    f"shards[{i}] ({s.path}): its examples were packed for seq_len {packed}, "
+                    f"not {self.seq_len}"
+                )
         self.backend: BackendChoice = resolve_sampler_backend(backend)
         args = (
             [s.tokens for s in shards],
@@ -146,6 +154,8 @@ class DomainSampler:
         if page_budget_bytes is not None:
             share = max(1, int(page_budget_bytes) // len(shards))
             shares[:] = [share if s.nbytes > share else 0 for s in shards]
+        if any(s.mask is not None for s in shards):
+            self._core.set_masks([s.mask for s in shards], self.ignore_index)
         if isinstance(self._core, NumpySamplerCore):
             self._core.mmaps = [(s._tokens_mm, s._offsets_mm) for s in shards]
             self._core.set_page_budget(shares)

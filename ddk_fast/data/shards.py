@@ -4,8 +4,10 @@ Layout of a shard directory::
 
     tokens.bin    raw token ids, little-endian uint16 (vocab_size <= 65535) or uint32, documents back to back
     offsets.bin   int64 document boundaries, n_docs + 1 entries: doc i is tokens[offsets[i]:offsets[i+1]]
+    mask.bin      optional (meta "mask": true): one uint8 per token, 1 = the token is a label the loss
+                  counts (chat / prompt-completion data: the assistant or completion tokens), 0 = not
     meta.json     {"format": "ddk_fast.token_shard", "version": 1, "dtype", "n_tokens", "n_docs",
-                   "vocab_size", ...extra}
+                   "vocab_size", ["mask": true,] ...extra}
 
 Both binary files are opened with ``mmap`` (read-only): nothing is read until a batch touches it, so a
 shard of any size costs no memory up front. :meth:`TokenShard.release_pages` drops the pages this process
@@ -34,6 +36,7 @@ SHARD_FORMAT = "ddk_fast.token_shard"
 SHARD_VERSION = 1
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.bin"
+MASK_FILE = "mask.bin"
 META_FILE = "meta.json"
 
 
@@ -77,10 +80,9 @@ class TokenShard:
         self.dtype = np.dtype(meta["dtype"])
         self.vocab_size = int(meta["vocab_size"])
         n_tokens, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])
-        for name, itemsize, count in (
-            (TOKENS_FILE, self.dtype.itemsize, n_tokens),
-            (OFFSETS_FILE, 8, n_docs + 1),
-        ):
+        masked = meta.get("mask") is True
+        files = [(TOKENS_FILE, self.dtype.itemsize, n_tokens), (OFFSETS_FILE, 8, n_docs + 1)]
+        for name, itemsize, count in files + ([(MASK_FILE, 1, n_tokens)] if masked else []):
             f = self.path / name
             if not f.is_file():
                 raise ShardError(self.path, f"missing file {name}")
@@ -93,6 +95,10 @@ class TokenShard:
                 )
         self.tokens, self._tokens_mm = _map_file(self.path / TOKENS_FILE, self.dtype, n_tokens)
         self.offsets, self._offsets_mm = _map_file(self.path / OFFSETS_FILE, np.dtype("<i8"), n_docs + 1)
+        self.mask: np.ndarray | None = None  # uint8 per token (1 = counted label), or None: all counted
+        self._mask_mm = None
+        if masked:
+            self.mask, self._mask_mm = _map_file(self.path / MASK_FILE, np.dtype(np.uint8), n_tokens)
         if self.offsets[0] != 0 or self.offsets[-1] != n_tokens:
             raise ShardError(
                 self.path,
@@ -171,6 +177,13 @@ class TokenShard:
         i %= self.num_docs
         return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
+    def doc_mask(self, i: int) -> np.ndarray | None:
+        """Loss mask of document ``i`` (uint8 view), or None when the shard has no mask."""
+        if self.mask is None:
+            return None
+        i %= self.num_docs
+        return self.mask[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
@@ -182,7 +195,7 @@ class TokenShard:
         """Drop this process's mapped pages (MADV_DONTNEED; the OS page cache keeps them, a later read maps
         them again). Bounds resident memory while streaming a shard larger than the budget."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            for mm in (self._tokens_mm, self._offsets_mm):
+            for mm in (self._tokens_mm, self._offsets_mm, self._mask_mm):
                 if mm is not None:
                     mm.madvise(mmap.MADV_DONTNEED)
 
@@ -213,7 +226,8 @@ class ShardWriter:
 
     Tokens are appended to ``<dir>.tmp-<pid>/tokens.bin`` as they come (nothing held in memory but the
     offsets); on a clean exit the temp directory is renamed to ``dir`` (replacing an older shard there).
-    On an exception the temp directory is removed.
+    On an exception the temp directory is removed. A shard has a loss mask (``mask.bin``) when its first
+    document comes with one; then every document must.
     """
 
     def __init__(self, path: os.PathLike | str, vocab_size: int, extra_meta: dict | None = None):
@@ -227,6 +241,8 @@ class ShardWriter:
         self._pending: list[int] = []
         self._n_tokens = 0
         self._f = None
+        self._mask_f = None
+        self._masked: bool | None = None  # decided by the first document
 
     def __enter__(self) -> ShardWriter:
         if self.tmp.exists():
@@ -235,7 +251,22 @@ class ShardWriter:
         self._f = open(self.tmp / TOKENS_FILE, "wb")
         return self
 
-    def add(self, ids: Iterable[int] | np.ndarray) -> None:
+    def _write_mask(self, mask, n: int) -> None:
+        masked = mask is not None
+        if self._masked is None:
+            self._masked = masked
+            if masked:
+                self._mask_f = open(self.tmp / MASK_FILE, "wb")
+        if masked != self._masked:
+            raise ValueError("a shard's documents must all have a loss mask, or none")
+        if masked:
+            m = np.asarray(mask)
+            if m.shape != (n,):
+                raise ValueError(f"a loss mask must have one entry per token ({n}), got shape {m.shape}")
+            self._mask_f.write((m != 0).astype(np.uint8).tobytes())
+
+    def add(self, ids: Iterable[int] | np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append one document; ``mask`` (optional, one 0/1 per token): which tokens are counted labels."""
         arr = np.asarray(ids)
         if arr.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {arr.shape}")
@@ -243,6 +274,7 @@ class ShardWriter:
             raise ValueError(
                 f"token ids must lie in [0, {self.vocab_size}), got [{int(arr.min())}, {int(arr.max())}]"
             )
+        self._write_mask(mask, int(arr.size))
         self._f.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
         self._n_tokens += int(arr.size)
         self._pending.append(self._n_tokens)
@@ -254,14 +286,16 @@ class ShardWriter:
             self._offset_chunks.append(np.asarray(self._pending, dtype=np.int64))
             self._pending = []
 
-    def add_block(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        """Append many documents at once: ``tokens`` concatenated, ``doc_lengths`` per document."""
+    def add_block(self, tokens: np.ndarray, doc_lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append many documents at once: ``tokens`` concatenated, ``doc_lengths`` per document (``mask``:
+        their loss masks, concatenated)."""
         tokens = np.asarray(tokens)
         lengths = np.asarray(doc_lengths, dtype=np.int64)
         if tokens.ndim != 1 or lengths.ndim != 1 or int(lengths.sum()) != tokens.size or (lengths < 0).any():
             raise ValueError("add_block: doc_lengths must be >= 0 and sum to len(tokens)")
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        self._write_mask(mask, int(tokens.size))
         self._f.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
         self._flush_offsets()
         self._offset_chunks.append(self._n_tokens + np.cumsum(lengths))
@@ -269,6 +303,8 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._f.close()
+        if self._mask_f is not None:
+            self._mask_f.close()
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
@@ -282,6 +318,7 @@ class ShardWriter:
             "n_tokens": self._n_tokens,
             "n_docs": int(offsets.size) - 1,
             "vocab_size": self.vocab_size,
+            **({"mask": True} if self._masked else {}),
             **self.extra_meta,
         }
         (self.tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))

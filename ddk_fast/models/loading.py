@@ -1,4 +1,5 @@
-"""Teacher and student models: local Hugging Face folders or inline configs; QLoRA / LoRA / full students.
+"""Teacher and student models: local Hugging Face folders, Hub ids or inline configs; QLoRA / LoRA / full
+students.
 
 - Teacher: frozen, eval mode, no grad; bfloat16 on GPU, float32 on CPU (``[model] dtype`` overrides).
 - Student: ``qlora`` = bitsandbytes NF4 4-bit base with double quantisation + peft LoRA adapters (AKD item 1),
@@ -7,7 +8,9 @@
   (DistilBERT's initialisation); it is written as a normal HF folder into the run directory and loaded back
   through the same ``from_pretrained`` path as any other student, so quantisation is the library's own.
 
-Nothing here downloads: every path is local and ``local_files_only`` is set.
+Where a model comes from (a folder, or a Hub id through the Hugging Face cache) is :mod:`.hub`'s
+:func:`~.hub.resolve_source`; every ``from_pretrained`` here goes through it (revision, cache-only when
+``HF_HUB_OFFLINE=1``, ``trust_remote_code`` from the config, default off).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .hub import ModelSource, has_tokenizer_files, resolve_source, tokenizer_source
 
 log = logging.getLogger("ddk_fast")
 
@@ -36,24 +40,46 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig):
+    """The run's tokenizer (``[model] tokenizer``, else the teacher's). A folder or snapshot without
+    tokenizer files is a ConfigError (transformers would build an empty tokenizer from it)."""
     from transformers import AutoTokenizer
 
-    path = cfg.tokenizer or cfg.teacher
+    source = tokenizer_source(cfg)
+    key = "model.tokenizer" if cfg.tokenizer else "model.teacher"
+    if not has_tokenizer_files(source.folder):
+        raise ConfigError(
+            key,
+            source.spec,
+            "a folder or Hub id with tokenizer files (tokenizer.json, tokenizer.model or vocab.json)",
+            f"{source.folder} has none; set [model] tokenizer to the folder or Hub id of its tokenizer",
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(source.load_path, **source.kwargs(cfg.trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
         msg = " ".join(str(exc).split())[:300]
         raise ConfigError(
-            "model.tokenizer",
-            path,
-            "a folder with a tokenizer (tokenizer.json or tokenizer_config.json)",
-            msg,
+            key, source.spec, "a folder with a tokenizer (tokenizer.json or tokenizer_config.json)", msg
         ) from None
     if tok.eos_token_id is None:
-        raise ConfigError(
-            "model.tokenizer", path, "a tokenizer with an eos token (used as document separator)"
-        )
+        raise ConfigError(key, source.spec, "a tokenizer with an eos token (used as document separator)")
+    template = _student_chat_template(cfg)
+    if template:  # chat data is rendered with the student's template (the vocabularies are checked equal)
+        tok.chat_template = template
     return tok
+
+
+def _student_chat_template(cfg: ModelConfig) -> str | None:
+    """The chat template of a student folder / Hub model that ships a tokenizer (None otherwise)."""
+    if not cfg.student:
+        return None
+    source = student_source(cfg)
+    if not has_tokenizer_files(source.folder):
+        return None
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True,
+                                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    return getattr(other, "chat_template", None)
 
 
 def model_from_config(config_dict: dict, key: str, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -71,27 +97,41 @@ def model_from_config(config_dict: dict, key: str, dtype: torch.dtype, seed: int
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _load_pretrained(path: str, dtype: torch.dtype, attn: str, key: str = "model.student", **kw) -> nn.Module:
-    """``from_pretrained`` of a local folder; a folder that does not load is a ConfigError naming ``key``
-    (the pre-flight in runfolder.py catches most of them before; this catches what only loading shows)."""
+def _load_pretrained(
+    source: ModelSource, dtype: torch.dtype, attn: str, trust_remote_code: bool = False, **kw
+) -> nn.Module:
+    """``from_pretrained`` of a folder or a Hub id (through the cache); a model that does not load is a
+    ConfigError naming its key (the pre-flight in runfolder.py catches most of them before; this catches
+    what only loading shows)."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn, local_files_only=True, **kw
+            source.load_path, dtype=dtype, attn_implementation=attn, **source.kwargs(trust_remote_code), **kw
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         if isinstance(exc, ConfigError):
             raise
         msg = " ".join(str(exc).split())[:300]
         raise ConfigError(
-            key, path, "a loadable Hugging Face causal-LM folder", hint=f"{type(exc).__name__}: {msg}"
+            source.key,
+            source.spec,
+            "a loadable Hugging Face causal-LM folder or Hub id",
+            hint=f"{type(exc).__name__}: {msg}",
         ) from None
+
+
+def teacher_source(cfg: ModelConfig) -> ModelSource:
+    return resolve_source(cfg.teacher, "model.teacher", cfg.teacher_revision)
+
+
+def student_source(cfg: ModelConfig) -> ModelSource:
+    return resolve_source(cfg.student, "model.student", cfg.student_revision)
 
 
 def load_teacher(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     if cfg.teacher:
-        teacher = _load_pretrained(cfg.teacher, dtype, cfg.attn_implementation, "model.teacher")
+        teacher = _load_pretrained(teacher_source(cfg), dtype, cfg.attn_implementation, cfg.trust_remote_code)
     else:
         teacher = model_from_config(cfg.teacher_config, "model.teacher_config", dtype, seed)
     teacher.to(device).eval()
@@ -154,7 +194,7 @@ def teacher_identity(cfg: ModelConfig, dtype: torch.dtype, seed: int) -> dict:
     bytes and the name, size and mtime of every weight file; an inline config, the seed and dtype."""
     if not cfg.teacher:
         return {"config": cfg.teacher_config, "seed": seed, "dtype": str(dtype)}
-    root = Path(cfg.teacher).resolve()
+    root = teacher_source(cfg).folder
     cfg_file = root / "config.json"
     files = []
     for p in sorted(root.iterdir()):
@@ -248,18 +288,11 @@ def load_student(
     then stores its 4-bit weights in the compute dtype (``bnb_4bit_quant_storage``) so FSDP can shard them
     like any other tensor.
     """
-    if cfg.student:
-        path = cfg.student
-    elif cfg.student_from_teacher_layers:
-        path = str(ensure_student_init(cfg, run_dir / STUDENT_INIT, dtype, seed, teacher))
-    else:
-        path = None
+    path = base_source(cfg, run_dir, dtype, seed, teacher)
 
     if cfg.student_mode == "qlora":
         from transformers import BitsAndBytesConfig
 
-        if path is None:  # an inline config: materialise it so quantisation goes through from_pretrained
-            path = str(ensure_student_init(cfg, run_dir / STUDENT_INIT, dtype, seed, teacher))
         bnb_cfg = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -268,12 +301,17 @@ def load_student(
             **({"bnb_4bit_quant_storage": dtype} if shard else {}),
         )
         student = _load_pretrained(
-            path, dtype, cfg.attn_implementation, quantization_config=bnb_cfg, device_map={"": device}
+            path,
+            dtype,
+            cfg.attn_implementation,
+            cfg.trust_remote_code,
+            quantization_config=bnb_cfg,
+            device_map={"": device},
         )
         n = disable_bnb_cpu_repack(student)
         log.info("student: NF4 4-bit base (%d quantised linear layers, CPU repack disabled)", n)
     elif path is not None:
-        student = _load_pretrained(path, dtype, cfg.attn_implementation).to(device)
+        student = _load_pretrained(path, dtype, cfg.attn_implementation, cfg.trust_remote_code).to(device)
     else:
         student = model_from_config(cfg.student_config, "model.student_config", dtype, seed).to(device)
 
@@ -288,6 +326,35 @@ def load_student(
             student.enable_input_require_grads()
     student.train()
     return student
+
+
+def _init_source(folder: Path) -> ModelSource:
+    return ModelSource(str(folder), "model.student", Path(folder).resolve())
+
+
+def base_source(cfg: ModelConfig, run_dir: Path, dtype, seed: int, teacher=None) -> ModelSource | None:
+    """The student's base model: ``[model] student`` (a folder or Hub id), the student initialisation in
+    ``<run>/student_init`` (cut from the teacher's layers: built here when ``teacher`` is given), or None
+    for an inline config in full / lora mode (built in memory)."""
+    if cfg.student:
+        return student_source(cfg)
+    if cfg.student_from_teacher_layers or cfg.student_mode == "qlora":
+        # an inline config in qlora mode is materialised too: quantisation goes through from_pretrained
+        folder = Path(run_dir) / STUDENT_INIT
+        if teacher is not None:
+            ensure_student_init(cfg, folder, dtype, seed, teacher)
+        return _init_source(folder)
+    return None
+
+
+def base_model_record(cfg: ModelConfig, run_dir: Path) -> dict:
+    """What ``final/`` records as the student's base model: its Hub id (and revision) or the absolute path
+    of its folder (``<run>/student_init`` for a student cut from the teacher or built from an inline
+    config), so ``final/`` loads from any working directory."""
+    src = base_source(cfg, run_dir, None, 0)
+    if src is None:
+        return {"base_model": None, "revision": None}
+    return {"base_model": src.record, "revision": src.revision}
 
 
 def _attach_lora(student: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -335,13 +402,15 @@ def check_vocab(teacher_rows: int, student: nn.Module, tokenizer) -> int:
 
 def check_student_tokenizer(cfg: ModelConfig, tokenizer) -> None:
     """A student folder that ships its own tokenizer must ship the teacher's: compare vocabularies."""
-    if not cfg.student or not any(
-        (Path(cfg.student) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
+    if not cfg.student:
+        return
+    source = student_source(cfg)
+    if not has_tokenizer_files(source.folder):
         return
     from transformers import AutoTokenizer
 
-    other = AutoTokenizer.from_pretrained(cfg.student, local_files_only=True)
+    other = AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True,
+                                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     if other.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             "model.student",

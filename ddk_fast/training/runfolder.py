@@ -3,7 +3,10 @@
 :func:`prepare_run_folder` checks, in order, and stops at the first problem with one clear error
 (:class:`~ddk_fast.errors.ConfigError` / :class:`~ddk_fast.errors.RunError`, exit 2):
 
-1. the model folders look loadable (config.json, weight files whose size matches their header) and the
+1. the models resolve (a folder, or a Hub id through the Hugging Face cache) and look loadable (config.json,
+   weight files whose size matches their header; a model that needs its own code only with
+   ``trust_remote_code``), ``seq_len`` (plus the longest teacher prompt prefix) fits each model's
+   ``max_position_embeddings``, the tokenizer has files and covers the models' vocabularies, and the
    attention implementation can run here;
 2. the run folder can be created and written;
 3. no other run holds it (:class:`~ddk_fast.training.runlock.RunLock`, kept for the run's lifetime);
@@ -27,6 +30,16 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError, RunError
+from ..models.hub import (
+    ModelSource,
+    check_remote_code,
+    check_tokenizer,
+    inline_config,
+    max_positions,
+    read_config,
+    vocab_rows,
+)
+from ..models.loading import load_tokenizer, student_source, teacher_source
 from . import checkpoint as ckpt
 from .runlock import RunLock
 
@@ -218,10 +231,12 @@ def check_writable(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ models
 def check_models(cfg: RunConfig) -> None:
     m = cfg.model
-    if m.teacher:
-        check_model_folder(m.teacher, "model.teacher")
-    if m.student:
-        check_model_folder(m.student, "model.student")
+    teacher = teacher_source(m) if m.teacher else None
+    student = student_source(m) if m.student else None
+    for source in (teacher, student):
+        if source is not None:
+            check_model_folder(source, source.key)
+            check_remote_code(source, m.trust_remote_code)
     if m.attn_implementation in ("flash_attention_2", "flash_attention_3"):
         package = "flash_attn" if m.attn_implementation == "flash_attention_2" else "flash_attn_interface"
         import torch
@@ -236,13 +251,66 @@ def check_models(cfg: RunConfig) -> None:
                 hint=f"{m.attn_implementation} needs a CUDA device and the {package} package "
                 "(pip install -e .[gpu])",
             )
+    check_shapes(cfg, teacher, student)
 
 
-def check_model_folder(path: str, key: str) -> None:
-    """ConfigError when ``path`` is not a loadable Hugging Face model folder: no or a broken config.json,
-    no weight files, a safetensors file shorter than its header says (truncated copy)."""
-    root = Path(path)
+def _prefix_tokens(cfg: RunConfig) -> int:
+    """The longest teacher prompt prefix of ``[teacher_prompt] use`` (0 without one; a file that does not
+    read is left to the prompts check, which names it)."""
+    use = cfg.teacher_prompt.use
+    if not use:
+        return 0
+    try:
+        domains = json.loads(Path(use).read_text()).get("domains", {})
+        return max((len(e.get("prefix_ids", [])) for e in domains.values()), default=0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def check_shapes(cfg: RunConfig, teacher: ModelSource | None, student: ModelSource | None) -> None:
+    """From config.json and the tokenizer files only (no weights): ``seq_len`` (+ the teacher's prompt
+    prefix) fits each model's ``max_position_embeddings``, and the tokenizer covers both vocabularies."""
+    m = cfg.model
+    t_conf = (
+        read_config(teacher, m.trust_remote_code)
+        if teacher
+        else inline_config(m.teacher_config, "model.teacher_config")
+    )
+    if student is not None:
+        s_conf, s_name = read_config(student, m.trust_remote_code), f"the student ({m.student})"
+    elif m.student_config:
+        s_conf, s_name = inline_config(m.student_config, "model.student_config"), "the inline student"
+    else:
+        s_conf, s_name = t_conf, "the student (cut from the teacher)"
+    t_name = f"the teacher ({m.teacher or 'inline'})"
+    seq_len, prefix = cfg.data.seq_len, _prefix_tokens(cfg)
+    for conf, name, extra in ((t_conf, t_name, prefix), (s_conf, s_name, 0)):
+        limit = max_positions(conf)
+        if limit is not None and seq_len + extra > limit:
+            with_prefix = f" minus the longest teacher prompt prefix ({extra} tokens)" if extra else ""
+            raise ConfigError(
+                "data.seq_len",
+                seq_len,
+                f"at most {limit - extra}: {name} has max_position_embeddings = {limit}{with_prefix}",
+                "longer sequences index past its position table (GPT-2) or run beyond its trained context",
+            )
+    tokenizer = load_tokenizer(m)  # files only: checked for tokenizer files, loaded
+    tok_key = "model.tokenizer" if m.tokenizer else "model.teacher"
+    tok_spec = m.tokenizer or m.teacher
+    check_tokenizer(tokenizer, tok_key, tok_spec, vocab_rows(t_conf), t_name)
+    check_tokenizer(tokenizer, tok_key, tok_spec, vocab_rows(s_conf), s_name)
+
+
+def check_model_folder(source: ModelSource | str, key: str) -> None:
+    """ConfigError when ``source`` is not a loadable Hugging Face model folder: no or a broken config.json,
+    no weight files, a safetensors file shorter than its header says (truncated copy). A Hub id online is
+    checked for its config only (its weights are downloaded by ``from_pretrained`` later)."""
+    if isinstance(source, str):
+        source = ModelSource(source, key, Path(source))
+    root, path = source.folder, source.spec
     expected = "a Hugging Face model folder (config.json and weight files)"
+    if source.is_hub:
+        expected = f"a Hub model with config.json and weight files (snapshot {root})"
     if not root.is_dir():
         raise ConfigError(key, path, expected, hint="not a folder")
     names = sorted(p.name for p in root.iterdir())
@@ -256,6 +324,8 @@ def check_model_folder(path: str, key: str) -> None:
         raise ConfigError(key, path, expected, hint=f"config.json is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConfigError(key, path, expected, hint="config.json has no model_type")
+    if not source.weights_local:
+        return
     weights = sorted({p for pattern in _WEIGHT_FILES for p in root.glob(pattern)})
     if not weights:
         raise ConfigError(key, path, expected, hint=f"no weight files (*.safetensors, *.bin) in {names[:6]}")

@@ -24,6 +24,8 @@ class Dom:  # the fields prepare_domains reads from config.DomainConfig
     files: list = field(default_factory=list)
     text_field: str = "text"
     weight: float = 1.0
+    format: str = "auto"
+    text_unit: str = "file"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def files(tmp_path):
     return [
         Dom("web", [str(web)]),
         Dom("code", [str(code)], text_field="content"),
-        Dom("books", [str(books)]),
+        Dom("books", [str(books)], text_unit="line"),
     ]
 
 
