@@ -4,6 +4,7 @@
   field, the value and what was expected.
 * :class:`RunError` (exit 2): the run folder, a checkpoint or the disk (:class:`CheckpointWriteError`).
 * :class:`BackendUnavailableError` (exit 2): an explicitly requested backend cannot run here; says the fix.
+* :class:`Interrupted` (exit 130 / 143): SIGINT or SIGTERM stopped the run after a step, with a checkpoint.
 * :class:`NonFiniteError` (exit 3): training produced NaN/inf that skipping steps cannot fix:
   :class:`NonFiniteTeacherError` (the teacher's outputs), :class:`TrainingStopped` (too many non-finite steps
   in a row).
@@ -65,3 +66,20 @@ class NonFiniteTeacherError(NonFiniteError):
 class TrainingStopped(NonFiniteError):
     """Too many consecutive non-finite losses (``[train] max_bad_steps`` in a row); the last good checkpoint
     is kept and ``python -m ddk_fast.train`` exits with 3."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT / SIGTERM stopped training after the current optimizer step; a checkpoint of that step was
+    written (``checkpoint``; None when no step had been trained). ``python -m ddk_fast.train`` prints where
+    to resume and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        where = (
+            f"checkpoint {checkpoint} holds step {step}" if checkpoint else f"no step trained (step {step})"
+        )
+        super().__init__(f"interrupted by {name} after step {step}: {where}")

@@ -11,6 +11,12 @@ Exit codes (one line on stderr, no traceback, for 2 and 3):
      disk (full while writing a checkpoint: the previous checkpoint is kept).
   3  training stopped on non-finite numbers: too many consecutive non-finite steps, weights that are not
      finite, or a teacher whose outputs are not finite (the last good checkpoint is kept).
+  130 / 143  SIGINT (Ctrl-C) / SIGTERM: the current step was finished and checkpointed; the line on stderr
+     says how to resume. A second signal stops at once (no checkpoint).
+
+Models given as Hub ids are loaded through the Hugging Face cache (downloaded into it on first use;
+HF_HUB_OFFLINE=1: the cache only). A config of local folders only runs with HF_HUB_OFFLINE=1 unless the
+environment says otherwise (no hub lookups).
 """
 
 from __future__ import annotations
@@ -19,12 +25,12 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never wait ~46 s on a lookup
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data files only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="python -m ddk_fast.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="run.toml")
@@ -51,13 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from .config import load_config
-    from .errors import BackendUnavailableError, ConfigError, NonFiniteError, RunError
+    from .errors import BackendUnavailableError, ConfigError, Interrupted, NonFiniteError, RunError
     from .teacher_cache import TeacherCacheError
+    from .training.signals import StopSignals
 
     tag = f"[rank {rank}] " if rank else ""  # under torchrun each rank prints its own one line
     try:
-        cfg = load_config(args.config, args.set)
-        return run(cfg, resume=args.resume, overwrite=args.overwrite)
+        with StopSignals() as stop:
+            cfg = load_config(args.config, args.set)
+            offline_unless_hub(cfg)
+            return run(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop)
+    except Interrupted as exc:
+        given = argv if argv is not None else sys.argv[1:]
+        again = " ".join(shlex.quote(a) for a in given if a not in ("--resume", "--overwrite"))
+        command = f"python -m ddk_fast.train {again}"
+        if exc.checkpoint is not None or exc.step > 0 or args.resume:
+            command += " --resume"
+        print(f"{tag}{exc}; continue with: {command}", file=sys.stderr)
+        return exc.exit_code
     except (ConfigError, BackendUnavailableError, TeacherCacheError) as exc:
         print(f"{tag}config error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +96,17 @@ def main(argv: list[str] | None = None) -> int:
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
-def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
+def offline_unless_hub(cfg) -> None:
+    """HF_HUB_OFFLINE=1 unless set already or a [model] value is a Hub id (which may need the Hub). Before
+    the Hugging Face client is imported: it reads the variable once."""
+    from .config import looks_like_hub_id
+
+    m = cfg.model
+    if not any(looks_like_hub_id(v) for v in (m.teacher, m.student, m.tokenizer) if v):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never wait ~46 s on a lookup
+
+
+def run(cfg, resume: bool = False, overwrite: bool = False, stop=None) -> int:
     """Train ``cfg`` in its run folder (pre-flight, lock, resume) and write the report. Raises the errors
     ``main`` turns into exit codes.
 
@@ -104,7 +131,7 @@ def run(cfg, resume: bool = False, overwrite: bool = False) -> int:
 
     try:
         resume_from = ctx.main_only(preflight)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop=stop)
         trainer.setup(ctx)
         if resume_from is not None:
             trainer.resume(resume_from)

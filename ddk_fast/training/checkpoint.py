@@ -17,6 +17,17 @@ checkpoint is complete, orders by step, and never removes the new checkpoint or 
 Weights that are not finite are never written (:class:`~ddk_fast.errors.NonFiniteError`); a write that
 fails (disk full, read-only folder) removes its temporary folder and raises
 :class:`~ddk_fast.errors.CheckpointWriteError` saying which checkpoint is kept.
+
+Full disks: before writing, the free space of the folder is compared with the checkpoint's size (its
+tensors, counted); after a failure, whatever the writer raised (``torch.save``'s zip writer raises a
+``RuntimeError`` such as ``unexpected pos``, not an ``OSError``), a disk with less than
+``FULL_DISK_BYTES`` left, or an ``ENOSPC`` / ``EDQUOT`` anywhere in the exception's chain, is reported as a
+full disk.
+
+Safe loading: ``state.pt`` is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only, plus the numpy array reconstruction older checkpoints need for their RNG state
+(``_STATE_ALLOWED``). Anything else in the pickle is refused (RunError, exit 2) before it runs. New
+checkpoints hold no numpy object at all (the numpy RNG state is stored as a tensor).
 """
 
 from __future__ import annotations
@@ -44,10 +55,17 @@ MANIFEST_VERSION = 1
 CHECKSUM_MAX_BYTES = 64 << 20  # larger files (full-mode weights) are checked by size only
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 SHARDED = "dcp"  # the folder of a sharded (FSDP) checkpoint's weights and optimizer state
+FULL_DISK_BYTES = 1 << 20  # after a failed write, less than this left on the disk means it is full
+# what a weights_only load of state.pt may construct beyond torch's defaults: numpy arrays (the numpy RNG
+# state of checkpoints written before it was stored as a tensor)
+_STATE_ALLOWED = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states with no numpy object in them (a weights_only load reads them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,7 +73,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -195,22 +215,78 @@ def save_checkpoint(
     check_finite_weights(model, step)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    adapters = hasattr(model, "peft_config")
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        # weights (twice with peft: the adapter folder too), the state's tensors (optimizer moments)
+        check_free_space(ckpt_root, step, _nbytes(trainable) * (2 if adapters else 1) + _nbytes(state))
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        if hasattr(model, "peft_config"):
+        if adapters:
             model.save_pretrained(tmp / "adapter")
         torch.save(state, tmp / "state.pt")
         _publish(ckpt_root, step, tmp, final, config)
-    except OSError as exc:
+    except CheckpointWriteError:
+        raise
+    except Exception as exc:  # torch.save's zip writer raises RuntimeError on a full disk, not OSError
+        full = disk_full(ckpt_root, exc)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(ckpt_root, step, exc) from exc
+        if not full and not isinstance(exc, OSError):
+            raise
+        raise _write_error(ckpt_root, step, exc, full) from exc
     prune(ckpt_root, keep_last, protect=final)
     return final
+
+
+def _nbytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_free_space(ckpt_root: Path, step: int, need: int) -> None:
+    """CheckpointWriteError (disk full) before anything is written when the folder's disk has less free
+    space than ``need`` bytes (the checkpoint's tensors) plus 1 MiB for the rest."""
+    free = _free_bytes(ckpt_root)
+    need += FULL_DISK_BYTES
+    if free is not None and free < need:
+        exc = OSError(errno.ENOSPC, f"{free:,} bytes free, the checkpoint needs about {need:,}")
+        raise _write_error(ckpt_root, step, exc, full=True)
+
+
+def disk_full(folder: Path, exc: BaseException) -> bool:
+    """Whether a failed write failed because the disk is full, whatever was raised: ENOSPC / EDQUOT in the
+    exception's chain, or less than ``FULL_DISK_BYTES`` left on the disk (measured now, with the partial
+    write still there)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    free = _free_bytes(folder)
+    return free is not None and free < FULL_DISK_BYTES
 
 
 def _publish(ckpt_root: Path, step: int, tmp: Path, final: Path, config: dict | None) -> None:
@@ -237,14 +313,16 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_error(ckpt_root: Path, step: int, exc: OSError) -> CheckpointWriteError:
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def _write_error(ckpt_root: Path, step: int, exc: BaseException, full: bool | None = None):
+    if full is None:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     what = "disk full" if full else "write failed"
     kept = latest_checkpoint(ckpt_root)
     kept_text = f"the previous checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
     fix = "free space and run again with --resume" if full else "fix the folder and run again with --resume"
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
     return CheckpointWriteError(
-        f"{what} while writing checkpoint step_{step:08d} in {ckpt_root} ({exc}); {kept_text}; {fix}"
+        f"{what} while writing checkpoint step_{step:08d} in {ckpt_root} ({cause}); {kept_text}; {fix}"
     )
 
 
@@ -324,10 +402,22 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
 
 
 def _load_state(path: Path) -> dict:
+    """``state.pt`` read with ``weights_only=True`` (module doc): an object outside the allow-list is
+    refused, never constructed."""
     try:
-        return torch.load(path / "state.pt", weights_only=False)
-    except Exception as exc:  # a pickle that passed the size check but does not load
-        raise RunError(f"checkpoint {path}: unreadable state.pt ({type(exc).__name__}: {exc})") from None
+        with torch.serialization.safe_globals(_STATE_ALLOWED):
+            return torch.load(path / "state.pt", weights_only=True)
+    except Exception as exc:  # a pickle that does not load, or one that asks for more than plain data
+        msg = " ".join(str(exc).split())
+        if "Unsupported global" in msg or "WeightsUnpickler" in msg:
+            what = msg[msg.find("Unsupported global") :].split(" was not")[0] if "Unsupported" in msg else ""
+            raise RunError(
+                f"checkpoint {path}: state.pt holds objects other than tensors, numbers, strings and "
+                f"containers ({what or 'a pickled object'}); refused without running it (weights_only "
+                "loading): use a checkpoint written by ddk_fast"
+            ) from None
+        what = f"{type(exc).__name__}: {msg[:200]}"
+        raise RunError(f"checkpoint {path}: unreadable state.pt ({what})") from None
 
 
 # ------------------------------------------------------------------------------------------ sharded (FSDP2)
@@ -359,13 +449,16 @@ def save_sharded_checkpoint(
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f"step_{step:08d}.tmp"
 
-    def on_disk(fn):  # rank 0's part of the write: an OSError removes tmp and names the kept checkpoint
+    def on_disk(fn):  # rank 0's part of the write: a failure removes tmp and names the kept checkpoint
         def run():
             try:
                 fn()
-            except OSError as exc:
+            except Exception as exc:  # a full disk whatever the writer raised (see save_checkpoint)
+                full = disk_full(ckpt_root, exc)
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise _write_error(ckpt_root, step, exc) from exc
+                if not full and not isinstance(exc, OSError):
+                    raise
+                raise _write_error(ckpt_root, step, exc, full) from exc
 
         ctx.main_only(run)
 
@@ -385,11 +478,12 @@ def save_sharded_checkpoint(
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
     except Exception as exc:  # DCP gathers every rank's failure and raises on all of them
         os_error = _os_error(exc)
+        full = disk_full(ckpt_root, exc)
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if os_error is None:
+        if os_error is None and not full:
             raise
-        raise _write_error(ckpt_root, step, os_error) from exc
+        raise _write_error(ckpt_root, step, os_error or exc, full or None) from exc
     on_disk(finish)
     ctx.main_only(lambda: prune(ckpt_root, keep_last, protect=final))
     return final

@@ -6,7 +6,10 @@
 * FSDP: :func:`.checkpoint.save_sharded_checkpoint` (torch.distributed.checkpoint, all ranks),
   loadable under another world size and also by a single process.
 * ``final/``: always a Hugging Face (full) or peft (adapters) folder plus the tokenizer, written by rank 0;
-  under FSDP the full state dict is gathered to rank 0 first.
+  under FSDP the full state dict is gathered to rank 0 first. Its ``adapter_config.json`` names the base
+  model by Hub id (and revision) or absolute path, so it loads from any working directory; ``FINAL_INFO``
+  (``ddk_fast_final.json``) records the student mode, base model and compute dtype for
+  ``python -m ddk_fast.export``.
 
 Atomicity and trust are the same everywhere: a ``.tmp`` folder renamed when complete (with its manifest),
 then ``latest`` replaced; weights that are not finite are never written; resuming takes the newest checkpoint
@@ -22,11 +25,12 @@ import shutil
 from pathlib import Path
 
 from ..distributed import ParallelContext
-from ..errors import RunError
+from ..errors import CheckpointWriteError, RunError
 from . import checkpoint as ckpt
 from .bundle import ModelBundle
 
 log = logging.getLogger("ddk_fast")
+FINAL_INFO = "ddk_fast_final.json"
 
 
 class Checkpointer:
@@ -39,8 +43,10 @@ class Checkpointer:
         optimizer,
         config: dict | None = None,
         export_projections: bool = False,
+        final_info: dict | None = None,
     ):
         self.run_dir = run_dir
+        self.final_info = final_info or {}  # base model (Hub id / absolute path), revision, mode, dtype
         self.export_projections = export_projections  # [hidden] export_projections
         self.config = config  # the resolved config, recorded in each manifest (resume compatibility)
         self.root = run_dir / "checkpoints"
@@ -149,18 +155,41 @@ class Checkpointer:
             full = get_model_state_dict(self.models.objective, options=opts)
             sd = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
         if self.ctx.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if sd is None:
-                self.models.student.save_pretrained(tmp)
-            else:
-                self.models.student.save_pretrained(tmp, state_dict=sd)
-            tokenizer.save_pretrained(tmp)
-            if self.export_projections:
-                self._export_projections(tmp, full)
+            try:
+                self._write_final(tmp, sd, full, tokenizer, student_mode)
+            except Exception as exc:  # a full disk whatever the writer raised; the last checkpoint is kept
+                full_disk = ckpt.disk_full(self.run_dir, exc)
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not full_disk and not isinstance(exc, OSError):
+                    raise
+                kept = ckpt.latest_checkpoint(self.root)
+                what = "disk full" if full_disk else "write failed"
+                raise CheckpointWriteError(
+                    f"{what} while writing {out} ({type(exc).__name__}: {str(exc)[:150]}); the checkpoint "
+                    f"{kept} is kept: free space and run again with --resume to write final/"
+                ) from exc
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
             log.info("final student (%s): %s", student_mode, out)
         self.ctx.barrier()
         return out
+
+    def _write_final(self, tmp: Path, sd, full, tokenizer, student_mode: str) -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if sd is None:
+            self.models.student.save_pretrained(tmp)
+        else:
+            self.models.student.save_pretrained(tmp, state_dict=sd)
+        tokenizer.save_pretrained(tmp)
+        if self.export_projections:
+            self._export_projections(tmp, full)
+        info = {"student_mode": student_mode, **self.final_info}
+        adapter = tmp / "adapter_config.json"
+        if adapter.exists() and info.get("base_model"):  # portable: Hub id or absolute path
+            conf = json.loads(adapter.read_text())
+            conf["base_model_name_or_path"] = info["base_model"]
+            conf["revision"] = info.get("revision")
+            adapter.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        (tmp / FINAL_INFO).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")

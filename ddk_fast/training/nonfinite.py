@@ -25,10 +25,22 @@ from ..errors import NonFiniteTeacherError
 def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, all_reduce_min=None) -> bool:
     """True when both the loss and the gradient norm are finite (one host read). ``all_reduce_min`` (a
     collective, in place) makes it True only when they are finite on every rank."""
-    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).all().to(torch.float32).reshape(1)
+    return step_flags(loss, grad_norm, all_reduce_min)[0]
+
+
+def step_flags(
+    loss: torch.Tensor, grad_norm: torch.Tensor, all_reduce_min=None, stop_requested: bool = False
+) -> tuple[bool, bool]:
+    """(finite, stop): the step's loss and gradient norm are finite on every rank, and some rank was asked
+    to stop (SIGINT / SIGTERM, :mod:`.signals`). Both flags travel in one vector, reduced with MIN over the
+    ranks, so reading them is still the step's one host sync and every rank takes both decisions alike."""
+    finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).all().to(torch.float32).reshape(1)
+    go = torch.full((1,), 0.0 if stop_requested else 1.0, dtype=torch.float32, device=finite.device)
+    flags = torch.cat([finite, go])
     if all_reduce_min is not None:
-        all_reduce_min(flag)
-    return bool(flag.item())
+        all_reduce_min(flags)
+    f, g = flags.tolist()
+    return f == 1.0, g == 0.0
 
 
 class TeacherGuard:

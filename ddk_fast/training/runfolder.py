@@ -12,8 +12,14 @@
 3. no other run holds it (:class:`~ddk_fast.training.runlock.RunLock`, kept for the run's lifetime);
 4. what is in it fits the request: a fresh run refuses a folder that holds checkpoints (``--resume``
    continues them, ``--overwrite`` deletes the run's files first); ``--resume`` takes the newest checkpoint
-   that verifies, names those that do not, refuses when none does, and refuses a checkpoint written for
-   another student (``[model]`` keys that change the trainable tensors).
+   that verifies, names those that do not, refuses when none does, refuses a checkpoint written for
+   another student (``[model]`` keys that change the trainable tensors), and refuses any changed key that
+   is not one of :data:`~ddk_fast.config.RESUMABLE_KEYS`.
+
+The run's record of its configuration (:func:`record_config`): ``config.toml`` is the resolved config in
+effect from the step the latest start or resume began at, and ``config_history.jsonl`` holds one row per
+start / resume (``from_step``, the keys changed, the resolved config), so no file states a value the run
+did not use.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RESUMABLE_KEYS, RunConfig, dump_toml
 from ..errors import ConfigError, RunError
 from ..models.hub import (
     ModelSource,
@@ -71,7 +77,11 @@ RUN_ARTIFACTS = (
     "student_init",
     "student_init.tmp",
     "config.toml",
+    "config_history.jsonl",
+    "wandb",
+    "wandb_id.txt",
 )
+HISTORY = "config_history.jsonl"
 _WEIGHT_FILES = (
     "*.safetensors",
     "pytorch_model*.bin",
@@ -86,6 +96,7 @@ class RunFolder:
     lock: RunLock
     resume_from: Path | None = None
     rejected: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+    changes: dict = dataclasses.field(default_factory=dict)  # keys changed on --resume (allowed ones)
 
     def release(self) -> None:
         self.lock.release()
@@ -96,6 +107,7 @@ def prepare_run_folder(cfg: RunConfig, *, resume: bool = False, overwrite: bool 
     if resume and overwrite:
         raise ConfigError("--overwrite", True, "either --resume or --overwrite, not both")
     check_models(cfg)
+    check_trackers(cfg)
     run_dir = Path(cfg.output.dir)
     check_writable(run_dir)
     lock = RunLock(run_dir).acquire()
@@ -108,7 +120,7 @@ def prepare_run_folder(cfg: RunConfig, *, resume: bool = False, overwrite: bool 
                 log.info("--overwrite: deleted %s from %s", ", ".join(removed), run_dir)
         elif resume:
             folder.resume_from, folder.rejected = _select_for_resume(root)
-            check_resumable(folder.resume_from, cfg)
+            folder.changes = check_resumable(folder.resume_from, cfg)
         else:
             existing = ckpt.list_checkpoints(root)
             if existing:
@@ -117,10 +129,11 @@ def prepare_run_folder(cfg: RunConfig, *, resume: bool = False, overwrite: bool 
                     f"{existing[-1][1].name}); continue it with --resume, or start again with --overwrite "
                     "(deletes that run's files), or set another [output] dir"
                 )
-            stale = run_dir / "metrics.jsonl"
-            if stale.exists():  # rows of a run that stopped before its first checkpoint
-                stale.unlink()
-                log.info("fresh run: removed %s left by a run without checkpoints", stale)
+            for name in ("metrics.jsonl", HISTORY):
+                stale = run_dir / name
+                if stale.exists():  # rows of a run that stopped before its first checkpoint
+                    stale.unlink()
+                    log.info("fresh run: removed %s left by a run without checkpoints", stale)
         return folder
     except BaseException:
         lock.release()
@@ -143,9 +156,10 @@ def _select_for_resume(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
     return path, rejected
 
 
-def check_resumable(path: Path, cfg: RunConfig) -> None:
-    """ConfigError when the checkpoint was written for another student (a key of STUDENT_KEYS differs);
-    other config changes are allowed and logged."""
+def check_resumable(path: Path, cfg: RunConfig) -> dict:
+    """ConfigError when the checkpoint was written for another student (a key of STUDENT_KEYS differs) or
+    when a changed key may not change on --resume (:data:`~ddk_fast.config.RESUMABLE_KEYS`). Returns the
+    changes that are allowed, ``{"section.key": [old, new]}``."""
     manifest = ckpt.read_manifest(path)
     saved = manifest.get("config") or {}
     now = cfg.to_dict()
@@ -158,18 +172,75 @@ def check_resumable(path: Path, cfg: RunConfig) -> None:
                 f"{old!r} as in checkpoint {path} (it was written for another student: resume with the "
                 "same [model] section, or start again with --overwrite)",
             )
-    changed = [
-        f"[{section}] {k}"
-        for section, values in now.items()
-        if isinstance(values, dict)
-        for k, v in values.items()
-        if section != "output"
-        and section in saved
-        and k in saved[section]
-        and _norm(saved[section][k]) != _norm(v)
-    ]
-    if changed:
-        log.warning("--resume: config differs from the checkpoint's in %s", ", ".join(changed))
+    changes = config_changes(saved, now)
+    refused = [k for k in changes if k not in RESUMABLE_KEYS]
+    if refused:
+        key = refused[0]
+        old, new = changes[key]
+        others = f"; also changed: {', '.join(refused[1:])}" if len(refused) > 1 else ""
+        raise ConfigError(
+            key,
+            new,
+            f"{old!r} as in checkpoint {path}",
+            f"this key cannot change on --resume (the checkpoint's state was made with it; the keys that "
+            f"can are listed in the README under 'Resuming'): resume with the checkpoint's value or start "
+            f"again with --overwrite{others}",
+        )
+    if changes:
+        log.info(
+            "--resume: changed from the checkpoint, in effect from its step: %s",
+            ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+        )
+    return changes
+
+
+def config_changes(saved: dict, now: dict) -> dict[str, list]:
+    """``{"section.key": [old, new]}`` for every key of ``now`` whose value differs from ``saved`` (keys the
+    saved config does not have are skipped: an older checkpoint); list-of-table keys (``data.domains``) by
+    entry, ``data.domains[1].weight``."""
+    out: dict[str, list] = {}
+    for section, values in now.items():
+        if not isinstance(values, dict) or not isinstance(saved.get(section), dict):
+            continue
+        for k, v in values.items():
+            if k not in saved[section]:
+                continue
+            old = saved[section][k]
+            tables = isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+            if tables and isinstance(old, list) and len(old) == len(v):
+                for i, (a, b) in enumerate(zip(old, v)):
+                    for kk, bb in b.items():
+                        if isinstance(a, dict) and kk in a and _norm(a[kk]) != _norm(bb):
+                            out[f"{section}.{k}[{i}].{kk}"] = [a[kk], bb]
+            elif _norm(old) != _norm(v):
+                out[f"{section}.{k}"] = [old, v]
+    return out
+
+
+def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None = None) -> None:
+    """Record the config a (re)start trains with from ``step`` (module doc): rows of the history from this
+    step on (a later start that wrote no checkpoint) are replaced; ``config.toml`` is rewritten."""
+    run_dir = Path(run_dir)
+    history = run_dir / HISTORY
+    rows = []
+    if step > 0 and history.exists():
+        for line in history.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and int(row.get("from_step", 0)) < step:
+                rows.append(row)
+    rows.append({"from_step": step, "changed": changes or {}, "config": _norm(cfg.to_dict())})
+    tmp = history.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    os.replace(tmp, history)
+    head = f"# the resolved config of this run, in effect from step {step}"
+    if step > 0:
+        head += f" (a resume; earlier steps: {HISTORY})"
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(head + "\n" + dump_toml(cfg))
+    os.replace(tmp, run_dir / "config.toml")
 
 
 def _norm(v):
@@ -252,6 +323,17 @@ def check_models(cfg: RunConfig) -> None:
                 "(pip install -e .[gpu])",
             )
     check_shapes(cfg, teacher, student)
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """``[output] report_to`` names only trackers that are installed (tensorboard is optional anyway)."""
+    if "wandb" in cfg.output.trackers and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "output.report_to",
+            cfg.output.report_to,
+            "trackers that are installed",
+            "wandb is not: pip install 'ddk_fast[wandb]' (or leave it out of report_to)",
+        )
 
 
 def _prefix_tokens(cfg: RunConfig) -> int:

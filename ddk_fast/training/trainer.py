@@ -17,7 +17,14 @@ micro-batches), so the gradient is that of the global mean whatever the world si
 stay on the device; the host reads one flag per step (loss and gradient norm finite on all ranks,
 :meth:`Trainer._all_ranks_finite`) and the metrics once per logging interval. A step whose flag is false is
 skipped on every rank; the teacher is checked then (:class:`~.nonfinite.TeacherGuard`), so a
-non-finite teacher gets its own error instead of being blamed on the student.
+non-finite teacher gets its own error instead of being blamed on the student. The same host read carries
+the stop request of SIGINT / SIGTERM (:mod:`.signals`): the loop then writes a checkpoint of the step it
+finished and raises :class:`~ddk_fast.errors.Interrupted`.
+
+Resume tells the truth: keys that may change on ``--resume`` (learning rate and schedule, cadences: see
+``RESUMABLE_KEYS``) take effect from the resumed step (:meth:`Trainer.resume` re-applies the schedule), and
+:meth:`Trainer.fit` records the config it trains with, from that step (``config.toml`` and
+``config_history.jsonl``, :func:`.runfolder.record_config`).
 """
 
 from __future__ import annotations
@@ -31,17 +38,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, dump_toml
+from ..config import RunConfig
 from ..distributed import ParallelContext, full_value, init_parallel, no_grad_sync
-from ..errors import RunError, TrainingStopped
-from ..models.loading import check_student_tokenizer, load_tokenizer
-from ..optim import build_optimizer, progress_bar
+from ..errors import Interrupted, RunError, TrainingStopped
+from ..models.loading import base_model_record, check_student_tokenizer, load_tokenizer
+from ..optim import build_optimizer, lr_lambda, progress_bar
 from . import checkpoint as ckpt
 from .bundle import ModelBundle, build_models
 from .checkpointer import Checkpointer
 from .metrics import MetricsWriter
-from .nonfinite import step_is_finite
+from .nonfinite import step_flags
+from .runfolder import config_changes, record_config
 from .schedule import DomainSchedule
+from .signals import NoSignals
 from .teacher import Teacher, open_teacher
 
 log = logging.getLogger("ddk_fast")
@@ -83,10 +92,18 @@ class _StepStats:
     hidden: torch.Tensor | None = None  # float64 [1 + n_domains]: [hidden] loss share, per-domain sums
 
 
+_SCHEDULE_KEYS = (
+    "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay"
+)  # fmt: skip
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stop=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir)
+        self.stop = stop or NoSignals()  # SIGINT / SIGTERM requests (signals.StopSignals), set by the CLI
+        self._stop_agreed = False
+        self._changes: dict = {}  # keys changed on --resume: recorded with the resumed step
 
     # ------------------------------------------------------------------------------------------ set-up
     def setup(self, ctx: ParallelContext | None = None) -> None:
@@ -96,9 +113,8 @@ class Trainer:
         if ctx is None:
             ctx = init_parallel(cfg.train.parallel, cfg.data.batch_size, cfg.train.device)
         self.ctx: ParallelContext = ctx
-        if ctx.is_main:
+        if ctx.is_main:  # config.toml is written when training starts (fit): what it states is used
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(dump_toml(cfg))
         ctx.barrier()
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -132,14 +148,24 @@ class Trainer:
             self.optimizer,
             config=cfg.to_dict(),
             export_projections=cfg.hidden.export_projections,
+            final_info={
+                **base_model_record(cfg.model, self.run_dir),
+                "dtype": str(self.models.dtype).replace("torch.", ""),
+            },
         )
         self.step = 0
         self.bad_in_a_row = 0
         self.bad_total = 0
         self.stage = None  # [curriculum]: the stage being trained (its loss config is the objective's)
-        self.metrics = (
-            MetricsWriter(self.run_dir, cfg.output.tensorboard, self.names) if ctx.is_main else None
-        )
+        self.metrics = None
+        if ctx.is_main:
+            trackers = cfg.output.trackers
+            wandb = (
+                {"project": cfg.output.wandb_project, "config": cfg.to_dict()}
+                if "wandb" in trackers
+                else None
+            )
+            self.metrics = MetricsWriter(self.run_dir, "tensorboard" in trackers, self.names, wandb)
 
     # names the report, the CLI and the tests use
     @property
@@ -233,12 +259,30 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
         except (ValueError, KeyError) as exc:
             raise RunError(f"checkpoint {path} cannot be resumed with this config: {exc}") from None
+        saved = ckpt.read_manifest(Path(path)).get("config") or {}
+        self._changes = config_changes(saved, self.cfg.to_dict())
+        if any(k in self._changes for k in _SCHEDULE_KEYS):
+            self._apply_schedule()
         if self.ctx.rank > 0:
             torch.manual_seed(self.cfg.train.seed + self.ctx.rank + 7919 * self.step)
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
         log.info("resumed from %s (step %d)", path, self.step)
         return True
+
+    def _apply_schedule(self) -> None:
+        """After a resume that changed the learning rate or the schedule: the optimizer and the scheduler
+        restored the checkpoint's values; the config's take effect from the resumed step."""
+        t = self.cfg.train
+        scale = lr_lambda(self.scheduler.last_epoch, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * scale
+            group["weight_decay"] = t.weight_decay
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        log.info("resume: learning rate %.3g at step %d (lr %g, schedule to step %d)",
+                 t.lr * scale, self.step, t.lr, t.max_steps)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ DDK
     def evaluate(self) -> list[float]:
@@ -265,12 +309,15 @@ class Trainer:
 
     def _all_ranks_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """The non-finite policy's one check: True when the step's loss and gradient norm are finite on
-        every rank.
+        every rank; with it, whether a rank was asked to stop (``self._stop_agreed``).
 
-        Both are folded into one flag on the device and reduced with MIN over ranks, so every rank takes the
-        same decision; reading it is the step's one host sync.
+        Both are folded into one flag vector on the device and reduced with MIN over ranks, so every rank
+        takes the same decisions; reading it is the step's one host sync.
         """
-        return step_is_finite(loss, grad_norm, self.ctx.all_reduce_min)
+        finite, self._stop_agreed = step_flags(
+            loss, grad_norm, self.ctx.all_reduce_min, stop_requested=self.stop.requested
+        )
+        return finite
 
     def _global_tokens(self, counts: list[int]) -> torch.Tensor | float:
         """Counted (non-ignored) label tokens of the whole global batch: all micro-batches, all ranks."""
@@ -364,6 +411,10 @@ class Trainer:
         bar = progress_bar(t.max_steps, initial=self.step, enabled=c.output.progress and self.ctx.is_main)
         t_start, tokens_done = time.perf_counter(), 0
         t_log, steps_since_log = time.perf_counter(), 0
+        if self.ctx.is_main:  # what this start trains with, from this step (and what was changed on resume)
+            record_config(self.run_dir, c, self.step, self._changes)
+        if self.stop.requested:  # a signal came while the run was being set up: nothing trained yet
+            raise Interrupted(self.stop.signum, self.step, None)
         batches = self._batches()
         try:
             while self.step < end:
@@ -374,6 +425,8 @@ class Trainer:
                 self._enter_stage()
                 stats = self.train_step(batches)
                 if stats is None:
+                    if self._stop_agreed:
+                        self._interrupt(bar)
                     self._skipped()
                     continue
                 self.bad_in_a_row = 0
@@ -405,8 +458,11 @@ class Trainer:
                         f"w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]"
                         + (f" stage {row['stage']} T={row['temperature']:.2f}" if "stage" in row else "")
                     )
-                if self.step % c.checkpoint.every == 0 and self.step < t.max_steps:
+                saved = self.step % c.checkpoint.every == 0 and self.step < t.max_steps
+                if saved:
                     self.save()
+                if self._stop_agreed and self.step < end:
+                    self._interrupt(bar, saved)
         finally:
             batches.close()
             bar.close()
@@ -435,6 +491,16 @@ class Trainer:
             collapsed_updates=self.schedule.collapsed_updates(),
             curriculum=self.schedule.curriculum.table(c.loss) if self.schedule.curriculum.enabled else [],
         )
+
+    def _interrupt(self, bar, saved: bool = False) -> None:
+        """SIGINT / SIGTERM: the step is finished; write its checkpoint (unless just written) and stop."""
+        bar.close()
+        path = None
+        if self.step > 0:
+            path = (self.run_dir / "checkpoints" / f"step_{self.step:08d}") if saved else self.save()
+        if self.metrics is not None:
+            self.metrics.close()
+        raise Interrupted(self.stop.signum or 15, self.step, path)
 
     def _enter_stage(self) -> None:
         """[curriculum]: at a stage change (and on the first step of a run or a resume) give the objective
