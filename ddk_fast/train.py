@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import load_config
     from .errors import BackendUnavailableError, ConfigError, Interrupted, NonFiniteError, RunError
+    from .models.hub import offline_unless_hub
     from .teacher_cache import TeacherCacheError
     from .training.signals import StopSignals
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with StopSignals() as stop:
             cfg = load_config(args.config, args.set)
-            offline_unless_hub(cfg)
+            offline_unless_hub(cfg.model)
             return run(cfg, resume=args.resume, overwrite=args.overwrite, stop=stop)
     except Interrupted as exc:
         given = argv if argv is not None else sys.argv[1:]
@@ -94,16 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
-
-
-def offline_unless_hub(cfg) -> None:
-    """HF_HUB_OFFLINE=1 unless set already or a [model] value is a Hub id (which may need the Hub). Before
-    the Hugging Face client is imported: it reads the variable once."""
-    from .config import looks_like_hub_id
-
-    m = cfg.model
-    if not any(looks_like_hub_id(v) for v in (m.teacher, m.student, m.tokenizer) if v):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never wait ~46 s on a lookup
 
 
 def run(cfg, resume: bool = False, overwrite: bool = False, stop=None) -> int:

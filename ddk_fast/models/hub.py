@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,15 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
     "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken",
 )  # fmt: skip
+
+
+def offline_unless_hub(model_cfg) -> None:
+    """HF_HUB_OFFLINE=1 unless it is set already or a ``[model]`` value is a Hub id (which may need the
+    Hub): a run of local folders never waits on a hub lookup. Call it before the Hugging Face client is
+    imported (it reads the variable once)."""
+    m = model_cfg
+    if not any(looks_like_hub_id(v) for v in (m.teacher, m.student, m.tokenizer) if v):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def hub_offline() -> bool:

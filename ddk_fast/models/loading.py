@@ -291,25 +291,7 @@ def load_student(
     path = base_source(cfg, run_dir, dtype, seed, teacher)
 
     if cfg.student_mode == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        bnb_cfg = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            **({"bnb_4bit_quant_storage": dtype} if shard else {}),
-        )
-        student = _load_pretrained(
-            path,
-            dtype,
-            cfg.attn_implementation,
-            cfg.trust_remote_code,
-            quantization_config=bnb_cfg,
-            device_map={"": device},
-        )
-        n = disable_bnb_cpu_repack(student)
-        log.info("student: NF4 4-bit base (%d quantised linear layers, CPU repack disabled)", n)
+        student = load_nf4(path, dtype, device, cfg.attn_implementation, cfg.trust_remote_code, shard)
     elif path is not None:
         student = _load_pretrained(path, dtype, cfg.attn_implementation, cfg.trust_remote_code).to(device)
     else:
@@ -355,6 +337,62 @@ def base_model_record(cfg: ModelConfig, run_dir: Path) -> dict:
     if src is None:
         return {"base_model": None, "revision": None}
     return {"base_model": src.record, "revision": src.revision}
+
+
+def load_nf4(
+    source: ModelSource,
+    dtype,
+    device,
+    attn: str = "sdpa",
+    trust_remote_code: bool = False,
+    shard: bool = False,
+) -> nn.Module:
+    """A QLoRA base: NF4 4-bit weights with double quantisation, computing in ``dtype`` (the CPU repack
+    bug worked around)."""
+    from transformers import BitsAndBytesConfig
+
+    bnb_cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        **({"bnb_4bit_quant_storage": dtype} if shard else {}),
+    )
+    model = _load_pretrained(
+        source, dtype, attn, trust_remote_code, quantization_config=bnb_cfg, device_map={"": device}
+    )
+    n = disable_bnb_cpu_repack(model)
+    log.info("student: NF4 4-bit base (%d quantised linear layers, CPU repack disabled)", n)
+    return model
+
+
+def load_model(spec: str, key: str, dtype, device, *, revision: str = "", trust_remote_code: bool = False,
+               adapter: str | None = None) -> nn.Module:  # fmt: skip
+    """Any causal LM to score or export: a folder or Hub id, optionally with peft adapters (a ``final/``
+    folder). The base of a ``final/`` written by a qlora run (its ``ddk_fast_final.json``) is loaded in NF4
+    as it was trained, so the adapters see the weights they were trained on."""
+    source = resolve_source(spec, key, revision)
+    info = final_info(adapter) if adapter else {}
+    if info.get("student_mode") == "qlora":
+        model = load_nf4(source, dtype, device, trust_remote_code=trust_remote_code)
+    else:
+        model = _load_pretrained(source, dtype, "sdpa", trust_remote_code).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    return model.eval()
+
+
+FINAL_INFO = "ddk_fast_final.json"  # in final/: student mode, base model (Hub id / absolute path), dtype
+
+
+def final_info(folder) -> dict:
+    """``ddk_fast_final.json`` of a ``final/`` folder (student mode, base model, revision, dtype), or {}."""
+    try:
+        return json.loads((Path(folder) / FINAL_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _attach_lora(student: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from ..distributed import ParallelContext
 from ..errors import CheckpointWriteError, RunError
+from ..models.loading import FINAL_INFO
 from . import checkpoint as ckpt
 from .bundle import ModelBundle
 
 log = logging.getLogger("ddk_fast")
-FINAL_INFO = "ddk_fast_final.json"
 
 
 class Checkpointer:

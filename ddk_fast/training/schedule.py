@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data import DomainSampler, prepare_config_domains, validation_batches
+from ..data import DomainSampler, prepare_config_domains
 from ..ddk import COLLAPSE_WEIGHT, DomainMixer
 from ..distributed import ParallelContext
-from ..models.evaluation import ScoreFn, sharded_domain_losses
+from ..models.evaluation import ScoreFn
 from .curriculum import Curriculum
 from .nonfinite import TeacherGuard
+from .scoring import mean_losses, score_sets, split_sets
 
 log = logging.getLogger("ddk_fast")
 
@@ -38,15 +39,9 @@ class DomainSchedule:
         self.domains = ctx.main_first(lambda: prepare_config_domains(d, tokenizer))
         self.names = [dom.name for dom in self.domains]
         sep = tokenizer.eos_token_id
-        self.val_sets = [
-            validation_batches(dom.val, d.seq_len, d.val_sequences, sep, i)
-            for i, dom in enumerate(self.domains)
-        ]
+        self.val_sets = split_sets(self.domains, d, sep, "val")
         # the test split is packed here but only scored after the last step: it never steers DDK
-        self.test_sets = [
-            validation_batches(dom.test, d.seq_len, d.num_test_sequences, sep, i)
-            for i, dom in enumerate(self.domains)
-        ]
+        self.test_sets = split_sets(self.domains, d, sep, "test")
         self.mixer = DomainMixer(
             len(self.domains),
             cfg.ddk.mixing,
@@ -83,7 +78,7 @@ class DomainSchedule:
     # -- measurement ------------------------------------------------------------------------------
     def _losses(self, score: ScoreFn, sets: list[dict], device) -> list[float]:
         """The one measurement path (val and test splits, teacher and student), shared over the ranks."""
-        return sharded_domain_losses(
+        sums = score_sets(
             score,
             sets,
             device,
@@ -93,6 +88,7 @@ class DomainSchedule:
             self.ctx.all_reduce_sum if self.ctx.distributed else None,
             lockstep=self.ctx.mode == "fsdp",
         )
+        return mean_losses(sums)
 
     def _teacher_losses(self, split: str, teacher) -> list[float]:
         """The teacher's CE per domain on ``split``, from whatever source it has (the teacher decides)."""
