@@ -104,3 +104,94 @@ def make_cfg(assets, run_dir, **over):
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
     return build_config(raw)
+
+
+# ------------------------------------------------------------------------------------ Hub cache, chat models
+CHATML = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)  # the ChatML layout of Qwen2.5-Instruct's template (default system prompt when none is given)
+
+
+def make_chat_tokenizer(
+    out_dir: Path, texts: list[str], vocab_size: int = VOCAB, template: str | None = CHATML
+):
+    """A byte-level BPE tokenizer with Qwen's special tokens (<|endoftext|> pad, <|im_start|>, <|im_end|>
+    = eos) and, unless ``template`` is None, a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    if template is not None:
+        fast.chat_template = template
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def save_tiny_model(out_dir: Path, config: dict, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """A randomly initialised causal LM from an inline config, saved as a Hugging Face folder (+ the
+    tokenizer files of ``tokenizer_dir``)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(config)
+    conf = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(out_dir)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy(f, Path(out_dir) / f.name)
+    return Path(out_dir)
+
+
+def qwen2_config(vocab_size: int, layers: int = 2, hidden: int = 64, tie: bool = False, positions: int = 512):
+    return dict(
+        model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=positions, tie_word_embeddings=tie,
+    )  # fmt: skip
+
+
+def hub_cache(
+    home: Path, repo_id: str, folder: Path, commit: str = "0" * 39 + "1", ref: str = "main"
+) -> Path:
+    """Put ``folder``'s files into a Hugging Face cache under ``home`` as the Hub client lays them out:
+    ``hub/models--org--name/blobs/<sha256>``, ``snapshots/<commit>/<file>`` (links to the blobs) and
+    ``refs/<ref>`` naming the commit. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    repo = Path(home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(folder).iterdir()):
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        link = snap / f.name
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        os.symlink(f"../../blobs/{blob}", link)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap
