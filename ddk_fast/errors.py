@@ -24,6 +24,7 @@ class ConfigError(ValueError):
         self.path = path
         self.value = value
         self.expected = expected
+        self.hint = hint
         msg = f"{_fmt_path(path)}: expected {expected}, got {value!r}"
         if hint:
             msg += f" ({hint})"

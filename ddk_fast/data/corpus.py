@@ -308,6 +308,14 @@ def _split(
     return np.sort(val), np.sort(test), np.sort(train)
 
 
+def _txt_hint(exc: ConfigError, dom, files) -> ConfigError:
+    """A split that needs more documents than .txt files of one document each give: say so."""
+    if getattr(dom, "text_unit", "file") != "file" or not any(kind == "text" for _, kind in files):
+        return exc
+    more = 'each .txt file is one document (text_unit = "file"): set text_unit = "paragraph" or "line"'
+    return ConfigError(exc.path, exc.value, exc.expected, f"{exc.hint}; {more}" if exc.hint else more)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "domain"
 
@@ -404,14 +412,17 @@ def prepare_domains(
                 )
             check_faults(i, report, dom.text_field, max_bad_records)
             (tmp / FAULTS_FILE).write_text(json.dumps([dataclasses.asdict(f) for f in report]) + "\n")
-            val_docs, test_docs, train_docs = _split(
-                i,
-                all_shard,
-                seq_len=seq_len,
-                val_sequences=val_sequences,
-                test_sequences=test_sequences,
-                seed=seed,
-            )
+            try:
+                val_docs, test_docs, train_docs = _split(
+                    i,
+                    all_shard,
+                    seq_len=seq_len,
+                    val_sequences=val_sequences,
+                    test_sequences=test_sequences,
+                    seed=seed,
+                )
+            except ConfigError as exc:
+                raise _txt_hint(exc, dom, files) from None
             meta = {"domain": dom.name, "cache_key": key, "tokenizer": tok_fp}
             if all_shard.mask is not None:  # examples packed whole into seq_len - 1 token blocks
                 meta["packed_seq_len"] = seq_len

@@ -36,6 +36,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -264,9 +265,9 @@ def _free_bytes(folder: Path) -> int | None:
 
 def check_free_space(ckpt_root: Path, step: int, need: int) -> None:
     """CheckpointWriteError (disk full) before anything is written when the folder's disk has less free
-    space than ``need`` bytes (the checkpoint's tensors) plus 1 MiB for the rest."""
+    space than ``need`` bytes (the checkpoint's tensors) plus 2 % and 64 KiB for headers and small files."""
     free = _free_bytes(ckpt_root)
-    need += FULL_DISK_BYTES
+    need = int(need * 1.02) + (64 << 10)
     if free is not None and free < need:
         exc = OSError(errno.ENOSPC, f"{free:,} bytes free, the checkpoint needs about {need:,}")
         raise _write_error(ckpt_root, step, exc, full=True)
@@ -409,11 +410,13 @@ def _load_state(path: Path) -> dict:
             return torch.load(path / "state.pt", weights_only=True)
     except Exception as exc:  # a pickle that does not load, or one that asks for more than plain data
         msg = " ".join(str(exc).split())
-        if "Unsupported global" in msg or "WeightsUnpickler" in msg:
-            what = msg[msg.find("Unsupported global") :].split(" was not")[0] if "Unsupported" in msg else ""
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in msg:
+            what = msg.split(" Check the documentation")[0]
+            sep = "WeightsUnpickler error: " if "WeightsUnpickler error: " in what else "trusted source. "
+            what = what.split(sep)[-1].split(" was not an allowed")[0].split(". Please")[0][:160]
             raise RunError(
                 f"checkpoint {path}: state.pt holds objects other than tensors, numbers, strings and "
-                f"containers ({what or 'a pickled object'}); refused without running it (weights_only "
+                f"containers ({what}); refused without running it (weights_only "
                 "loading): use a checkpoint written by ddk_fast"
             ) from None
         what = f"{type(exc).__name__}: {msg[:200]}"
