@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.set)
+        if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise ConfigError("--adapter", args.adapter, "a peft adapter folder (with adapter_config.json)")
         model, revision = args.model, args.revision
         if model is None:
             info = final_info(args.adapter) if args.adapter else {}
@@ -54,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
                     "--model", None, "a folder or Hub id (or an --adapter folder naming its base)"
                 )
             model, revision = info["base_model"], revision or info.get("revision") or ""
-        if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise ConfigError("--adapter", args.adapter, "a peft adapter folder (with adapter_config.json)")
         offline_unless_hub(cfg.model)
         scores = evaluate_model(cfg, model, adapter=args.adapter, split=args.split, revision=revision,
                                 with_teacher=not args.no_teacher)  # fmt: skip
