@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ddk_fast.config import build_config, dump_toml
-from ddk_fast.errors import CheckpointWriteError, Interrupted
+from ddk_fast.errors import CheckpointWriteError
 from ddk_fast.train import main, run
 from ddk_fast.training import checkpoint as ckpt
 from ddk_fast.training.trainer import Trainer
@@ -115,6 +115,8 @@ class _StopAfter:
 
 
 def test_a_stop_request_finishes_the_step_and_checkpoints_it(assets, tmp_path):
+    from ddk_fast.errors import Interrupted
+
     cfg = build_config(raw(assets, tmp_path / "run", train__max_steps=6, data__prefetch=0))
     t = Trainer(cfg, stop=_StopAfter(3))  # checked at the start, then in each step: on in step 3
     t.setup()
