@@ -225,9 +225,15 @@ class SamplerCore {
       std::memcpy(in + row * L, scratch_.data(), sizeof(int64_t) * L);
       if (D.mask == nullptr) {
         std::memcpy(lab + row * L, scratch_.data() + 1, sizeof(int64_t) * L);
-      } else {
-        for (int64_t t = 0; t < L; ++t)
-          lab[row * L + t] = mask_scratch_[t + 1] ? scratch_[t + 1] : ignore_index_;
+      } else {  // branch-free select (vectorises): label where the mask is 1, ignore_index elsewhere
+        const int64_t* __restrict src = scratch_.data() + 1;
+        const uint8_t* __restrict m = mask_scratch_.data() + 1;
+        int64_t* __restrict dst = lab + row * L;
+        const int64_t ignore = ignore_index_;
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t keep = -static_cast<int64_t>(m[t] != 0);
+          dst[t] = (src[t] & keep) | (ignore & ~keep);
+        }
       }
       std::fill(dom + row * L, dom + (row + 1) * L, static_cast<int64_t>(d));
       rank_sequences_[d] += 1;
