@@ -2,8 +2,9 @@
 stand-ins laid out the same way: both models are Hub ids served from a Hugging Face cache in a temporary
 HF_HOME (``hub/models--Qwen--Qwen2.5-7B-Instruct/{blobs,snapshots/<commit>,refs/main}``) with
 HF_HUB_OFFLINE=1, three domains (chat, prompt/completion, paragraphs of text) found by globs. Then the
-README's commands: resume with a longer schedule, evaluate, export merged, and load the merged model with
-neither peft nor ddk_fast importable. Sizes are overridden with --set (seq_len, batch, steps); nothing else.
+README's commands (in this process, with the same cache): resume with a longer schedule, evaluate, export
+merged, and load the merged model in a fresh process with neither peft nor ddk_fast importable. Sizes are
+overridden with --set (seq_len, batch, steps); nothing else.
 """
 
 from __future__ import annotations
@@ -119,30 +120,40 @@ def test_the_example_trains_from_the_hub_cache(trained):
     assert (trained / "tensorboard").is_dir()  # report_to = ["tensorboard"]
 
 
-def test_resume_eval_and_export_as_the_readme_says(project, trained, tmp_path):
+def test_resume_eval_and_export_as_the_readme_says(project, trained, tmp_path, monkeypatch, capsys):
+    """In this process (the same Hub cache, as HF_HOME gives it), then the merged model in a fresh one."""
+    from huggingface_hub import constants
+
+    from ddk_fast.eval import main as eval_main
+    from ddk_fast.export import main as export_main
+    from ddk_fast.train import main as train_main
+
     root, home = project
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     # resume with a longer schedule (max_steps may change on --resume)
-    _run(root, home, "-m", "ddk_fast.train", "--config", str(EXAMPLE), *SMALL, "--set", "train.max_steps=6",
-         "--resume")  # fmt: skip
+    assert train_main(["--config", str(EXAMPLE), *SMALL, "--set", "train.max_steps=6", "--resume"]) == 0
     rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert "in effect from step 4" in (trained / "config.toml").read_text()
     # evaluate the run's final student: the report's test CE, per domain
     out = tmp_path / "eval.json"
-    ev = _run(root, home, "-m", "ddk_fast.eval", "--config", str(EXAMPLE), *SMALL, "--adapter",
-              str(trained / "final"), "--out", str(out))  # fmt: skip
+    assert (
+        eval_main(["--config", str(EXAMPLE), *SMALL, "--adapter", str(trained / "final"), "--out", str(out)])
+        == 0
+    )
+    assert "| **all (token-weighted)** |" in capsys.readouterr().out
     scores = json.loads(out.read_text())
-    assert scores["domains"] == ["support", "instructions", "docs"] and len(scores["teacher_ce"]) == 3
-    assert "| **all (token-weighted)** |" in ev.stdout
+    assert scores["model"] == STUDENT and scores["domains"] == ["support", "instructions", "docs"]
     report = (trained / "report.md").read_text()
     for name, ce, gap in zip(scores["domains"], scores["ce"], scores["gap"]):
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {ce:.3f} | {gap:.3f} |" in row, (row, ce, gap)  # the same scorer as the trainer
     # export merged (QLoRA dequantised) and load it with neither peft nor ddk_fast
     merged = tmp_path / "merged"
-    ex = _run(root, home, "-m", "ddk_fast.export", "--run", str(trained), "--merge", "--out", str(merged))
-    diff = float(ex.stdout.split("student: ")[1].split()[0])
-    assert diff < 1e-4, ex.stdout
+    assert export_main(["--run", str(trained), "--merge", "--out", str(merged)]) == 0
+    diff = float(capsys.readouterr().out.split("student: ")[1].split()[0])
+    assert diff < 1e-4
     probe = (
         "import sys\n"
         "sys.modules['peft'] = None; sys.modules['ddk_fast'] = None  # neither may be imported\n"

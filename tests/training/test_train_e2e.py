@@ -131,15 +131,15 @@ def test_test_split_never_steers_ddk_and_is_reported(assets, tmp_path, monkeypat
     import ddk_fast.training.schedule as schedule_mod  # the one measurement path
 
     calls = []  # (kind, losses) in call order
-    real_losses = schedule_mod.sharded_domain_losses
+    real_sums = schedule_mod.score_sets  # the scorer of training/scoring.py
 
     def spy(model, val_sets, *args, **kw):
-        out = real_losses(model, val_sets, *args, **kw)
+        out = real_sums(model, val_sets, *args, **kw)
         kind = "test" if val_sets is trainer.test_sets else "val" if val_sets is trainer.val_sets else "?"
-        calls.append((kind, out))
+        calls.append((kind, schedule_mod.mean_losses(out)))
         return out
 
-    monkeypatch.setattr(schedule_mod, "sharded_domain_losses", spy)
+    monkeypatch.setattr(schedule_mod, "score_sets", spy)
     cfg = make_cfg(assets, tmp_path / "run", data__test_sequences=3)
     trainer = Trainer(cfg)
     trainer.setup()
