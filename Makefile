@@ -62,12 +62,15 @@ compare-quick: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --quick
 
-# The demo trained from an offline teacher: the teacher's top-64 of every training sequence (2 epochs of each
-# domain's stream, so DDK may draw any domain twice over) is cached once, then the run never runs the teacher.
+# The demo trained from an offline teacher, with the cache's defaults: the teacher's top-64 of every sequence
+# the run can draw (--epochs auto), cached once; then the run never runs the teacher. KIND=hidden caches the
+# teacher's final hidden states + lm_head instead (exact dense loss; DTYPE=float32 reproduces the online run).
+KIND  ?= topk
+DTYPE ?= bfloat16
 demo-cached: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
-	$(BIN)/python -m ddk_fast.teacher_cache --config examples/demo.toml --top-k 64 --epochs 2 --out .cache/demo/teacher_top64
-	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --set model.teacher_cache=.cache/demo/teacher_top64 --set output.dir=runs/demo-cached --overwrite
+	$(BIN)/python -m ddk_fast.teacher_cache --config examples/demo.toml --kind $(KIND) --dtype $(DTYPE) --out .cache/demo/teacher_$(KIND)_$(DTYPE)
+	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --set model.teacher_cache=.cache/demo/teacher_$(KIND)_$(DTYPE) --set output.dir=runs/demo-cached-$(KIND) --overwrite
 
 test: setup
 	$(BIN)/ruff check ddk_fast tests bench
