@@ -87,12 +87,15 @@ def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class SampleSpec:
     """How the student continues its prompts: ``max_new_tokens`` tokens at ``temperature``, nucleus
-    ``top_p`` (1 = off); ``pad_token_id`` only fills ``generate``'s argument (nothing is padded)."""
+    ``top_p`` (1 = off); ``pad_token_id`` only fills ``generate``'s argument (nothing is padded);
+    ``use_cache = False`` recomputes the whole prefix at every token (for measuring what the KV cache
+    saves: bench/bench_onpolicy.py)."""
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     pad_token_id: int = 0
+    use_cache: bool = True
 
 
 class GumbelSampler:
@@ -156,7 +159,7 @@ def sample_continuations(
         num_beams=1,
         eos_token_id=[],  # never stop: EOS is the document separator of packed rows
         pad_token_id=spec.pad_token_id,
-        use_cache=True,
+        use_cache=spec.use_cache,
     )
     procs = _processors(keys.to(prompts.device, torch.int64), plen, spec)
     was_training = model.training
