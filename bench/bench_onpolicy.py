@@ -13,10 +13,12 @@ assets built here. Providers, side by side in one run (each one optimizer step o
   every new token: what the cache saves);
 * ``onpolicy_f1.0``: every row generated.
 
-Each row (``bench/results/onpolicy.jsonl``): step median / IQR, ``step_ratio`` = median / the off-policy
-median of the same run; the median per step of the time in generation (``gen_ms``), its share of the step
-(``gen_share``), the generated tokens/s and the training tokens/s (the step's ``batch x seq_len`` tokens over
-the step time outside generation); peak extra RSS of one step (fresh subprocess).
+The providers are built in one process and stepped in turn, ``ROUNDS`` rounds (a shared machine's load
+hits all of them alike). Each row (``bench/results/onpolicy.jsonl``): step median / IQR, ``step_ratio`` =
+median / the off-policy median, ``paired_step_ratio`` = the median over rounds of the ratio to the
+off-policy step of the same round; the median per step of the time in generation (``gen_ms``), its share
+of the step (``gen_share``), the generated tokens/s and the training tokens/s (the step's ``batch x
+seq_len`` tokens over the step time outside generation); peak extra RSS of one step (fresh subprocess).
 
     DDK_BENCH_DEMO_DIR=.cache/demo OMP_NUM_THREADS=1 \
         .venv/bin/pytest bench/bench_onpolicy.py --benchmark-only -q -s
@@ -32,9 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from bench.harness import REPO, peak_memory_subprocess, record, time_fn
+from bench.harness import REPO, peak_memory_subprocess, record
 
 PROVIDERS = {  # name: (fraction, generate_batch_size, use_cache)
     "offpolicy": (0.0, 0, True),
@@ -44,8 +44,7 @@ PROVIDERS = {  # name: (fraction, generate_batch_size, use_cache)
     "onpolicy_f1.0": (1.0, 0, True),
 }
 SMOKE = ("onpolicy_f0.5",)  # the CI smoke run (--benchmark-disable): one step with generation
-ROUNDS = 10
-_MEDIANS: dict[str, float] = {}
+ROUNDS, WARMUP = 15, 2
 
 
 def _assets(root: Path) -> Path:
@@ -97,47 +96,56 @@ def make_step(assets: str, run_dir: str, provider: str, log: list | None = None)
     return step
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("onpolicy_bench")
-    return root, _assets(root)
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_onpolicy_step_cost(benchmark, workspace, provider):
-    root, assets = workspace
-    if benchmark.disabled and provider not in SMOKE:
-        pytest.skip(f"smoke run (--benchmark-disable): only {', '.join(SMOKE)}")
-    run_dir = str(root / f"run_{provider}")
-    log: list[tuple[float, float]] = []
-    step = make_step(str(assets), run_dir, provider, log)
-    t = time_fn(benchmark, step, rounds=ROUNDS, warmup=2)
-    cfg = step.trainer.cfg
-    fraction = PROVIDERS[provider][0]
-    assert (log[-1][1] > 0) == (fraction > 0)  # generation ran exactly when on-policy
-    if t["median_ms"] is None:
-        return
-    log = log[-ROUNDS:]  # the timed rounds
-    _MEDIANS[provider] = t["median_ms"]
-    off = _MEDIANS.get("offpolicy")
-    generated = round(fraction * cfg.data.batch_size) * cfg.onpolicy.max_new_tokens if fraction else 0
+def _row(provider: str, times: list[tuple[float, float]], off: list[tuple[float, float]], cfg) -> dict:
+    """One result row from the interleaved rounds' (step seconds, generation seconds)."""
+    fraction, gbs, cache = PROVIDERS[provider]
+    steps = [s for s, _ in times]
+    q1, _, q3 = statistics.quantiles(steps, n=4)
+    gen = statistics.median(g for _, g in times)
+    generated = round(fraction * cfg.data.batch_size) * cfg.onpolicy.max_new_tokens
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    gen_s = statistics.median(g for _, g in log)
-    mem = peak_memory_subprocess(
-        "bench.bench_onpolicy:make_step",
-        {"assets": str(assets), "run_dir": run_dir + "_mem", "provider": provider},
-    )
-    record(
-        "onpolicy",
-        {
-            "provider": provider, **t, "step_ratio": t["median_ms"] / off if off else None,
-            "fraction": fraction, "generate_batch_size": PROVIDERS[provider][1],
-            "kv_cache": PROVIDERS[provider][2], "gen_ms": gen_s * 1e3,
-            "gen_share": statistics.median(g / s for s, g in log),
-            "gen_tokens_per_s": generated / gen_s if gen_s else None,
-            "train_tokens_per_s": statistics.median(tokens / (s - g) for s, g in log),
-            "peak_mem_mb": mem / 2**20, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
-            "prompt_tokens": cfg.onpolicy.prompt_tokens, "max_new_tokens": cfg.onpolicy.max_new_tokens,
-            "assets": "demo" if os.environ.get("DDK_BENCH_DEMO_DIR") else "tiny demo",
-        },
-    )  # fmt: skip
+    return {
+        "provider": provider, "median_ms": statistics.median(steps) * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+        "min_ms": min(steps) * 1e3, "rounds": len(times),
+        "step_ratio": statistics.median(steps) / statistics.median(s for s, _ in off),
+        "paired_step_ratio": statistics.median(a[0] / b[0] for a, b in zip(times, off)),
+        "fraction": fraction, "generate_batch_size": gbs, "kv_cache": cache, "gen_ms": gen * 1e3,
+        "gen_share": statistics.median(g / s for s, g in times),
+        "gen_tokens_per_s": generated / gen if gen else None,
+        "train_tokens_per_s": statistics.median(tokens / (s - g) for s, g in times),
+        "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
+        "prompt_tokens": cfg.onpolicy.prompt_tokens, "max_new_tokens": cfg.onpolicy.max_new_tokens,
+        "assets": "demo" if os.environ.get("DDK_BENCH_DEMO_DIR") else "tiny demo",
+    }  # fmt: skip
+
+
+def test_onpolicy_step_cost(benchmark, tmp_path):
+    """Every provider built in one process, then ``ROUNDS`` rounds that step each provider once in turn (so
+    the load of a shared machine hits all alike); the smoke run (``--benchmark-disable``) steps one
+    on-policy provider once."""
+    assets = _assets(tmp_path)
+    names = list(SMOKE) if benchmark.disabled else list(PROVIDERS)
+    logs = {p: [] for p in names}
+    steps = {p: make_step(str(assets), str(tmp_path / f"run_{p}"), p, logs[p]) for p in names}
+
+    def one_round():
+        for p in names:
+            steps[p]()
+
+    # pytest-benchmark times the rounds (all providers); the per-provider statistics come from the logs
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    for p in names:  # generation ran exactly when on-policy
+        assert (logs[p][-1][1] > 0) == (PROVIDERS[p][0] > 0), p
+    if benchmark.disabled:
+        return
+    off = logs["offpolicy"][WARMUP:]
+    for p in names:
+        row = _row(p, logs[p][WARMUP:], off, steps[p].trainer.cfg)
+        row["peak_mem_mb"] = (
+            peak_memory_subprocess(
+                "bench.bench_onpolicy:make_step",
+                {"assets": str(assets), "run_dir": str(tmp_path / f"mem_{p}"), "provider": p},
+            )
+            / 2**20
+        )
+        record("onpolicy", row)
