@@ -47,7 +47,7 @@ from ..config import RunConfig
 from ..distributed import ParallelContext
 from ..errors import ConfigError
 from ..models.evaluation import head_ce_sum, sharded_domain_losses
-from ..models.generation import SampleSpec, content_keys, sequence_key
+from ..models.generation import SampleSpec, content_keys, sample_continuations, sequence_key
 from .bundle import ModelBundle
 from .teacher import Teacher
 
@@ -260,6 +260,7 @@ def continuation_teacher_ce(
     sets: list[dict],
     cfg: RunConfig,
     ctx: ParallelContext | None = None,
+    writer: str = "student",
 ) -> list[float]:
     """The teacher's mean per-token CE (nats) on the student's own continuations, per domain.
 
@@ -270,7 +271,13 @@ def continuation_teacher_ce(
     scores prompt + continuation and its CE is averaged over the generated tokens. Lower = the student
     writes what the teacher would. Works for any run (``fraction`` 0 or not) whose teacher can score new
     tokens; shared over the ranks like the validation CE (collective).
+
+    ``writer = "teacher"``: the teacher continues the prompts itself (without ``[teacher_prompt]``
+    prefixes), the reference to read a student's value against: its CE on its own samples is its entropy
+    rate, and a student writing repetitive, likely text can score below it.
     """
+    if writer not in ("student", "teacher"):
+        raise ValueError(f"writer: expected 'student' or 'teacher', got {writer!r}")
     op = cfg.onpolicy
     if not teacher.can_score_new_tokens:
         raise ValueError(
@@ -285,7 +292,11 @@ def continuation_teacher_ce(
 
     def score(ids, labels, domain):
         prompts = ids[:, :P]
-        gen = objective(prompts, None, sample=spec, sample_keys=content_keys(prompts, op.seed))
+        keys = content_keys(prompts, op.seed)
+        if writer == "teacher":
+            gen = sample_continuations(teacher.model, prompts, keys, spec)
+        else:
+            gen = objective(prompts, None, sample=spec, sample_keys=keys)
         seq = torch.cat([prompts, gen], dim=1)
         target = torch.full_like(seq, IGNORE)
         target[:, P - 1 : -1] = gen

@@ -258,10 +258,10 @@ class Trainer:
     def evaluate_test(self) -> tuple[list[float], list[float]]:
         return self.schedule.evaluate_test(self.step, self.teacher, self.models)
 
-    def continuation_teacher_ce(self, split: str = "test") -> list[float]:
+    def continuation_teacher_ce(self, split: str = "test", writer: str = "student") -> list[float]:
         """The on-policy measure (:func:`~.onpolicy.continuation_teacher_ce`) on ``split``'s prompts."""
         sets = self.test_sets if split == "test" else self.val_sets
-        return continuation_teacher_ce(self.models, self.teacher, sets, self.cfg, self.ctx)
+        return continuation_teacher_ce(self.models, self.teacher, sets, self.cfg, self.ctx, writer)
 
     # ------------------------------------------------------------------------------------------ step
     def _loss(self, batch: dict):

@@ -390,11 +390,14 @@ def test_the_onpolicy_measure_is_the_teachers_ce_on_the_students_continuations(a
         t.models, t.teacher, sets, t.cfg
     )  # keyed by the prompts: repeatable
     P, N = 8, 16
+    own = continuation_teacher_ce(t.models, t.teacher, sets, t.cfg, writer="teacher")
     for d, s in enumerate(sets):  # by hand: generate, then the teacher's mean CE on the generated tokens
         prompts = torch.as_tensor(s["input_ids"][:, :P])
-        gen = sample_continuations(t.student, prompts, content_keys(prompts, 0), SampleSpec(N))
-        seq = torch.cat([prompts, gen], 1)
-        with torch.no_grad():
-            logits = t.teacher.model(input_ids=seq).logits[:, P - 1 : -1, : t.teacher.vocab_size]
-        want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gen.reshape(-1)).item()
-        assert got[d] == pytest.approx(want, rel=1e-5)
+        for value, writer in ((got[d], t.student), (own[d], t.teacher.model)):
+            gen = sample_continuations(writer, prompts, content_keys(prompts, 0), SampleSpec(N))
+            seq = torch.cat([prompts, gen], 1)
+            with torch.no_grad():
+                logits = t.teacher.model(input_ids=seq).logits[:, P - 1 : -1, : t.teacher.vocab_size]
+            want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gen.reshape(-1)).item()
+            assert value == pytest.approx(want, rel=1e-5)
+    assert own != got
