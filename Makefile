@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-cached compare compare-akd compare-quick akd test bench lint ext clean
+.PHONY: setup demo demo-cached compare compare-akd compare-quick akd onpolicy test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ akd: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.prompts --config examples/akd.toml
 	$(BIN)/python -m ddk_fast.train --config examples/akd.toml --overwrite
+
+# On-policy distillation on the demo (examples/onpolicy.toml): half of each step's sequences continued by the
+# student and scored by the teacher, DDK choosing the domains of the prompts.
+onpolicy: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.train --config examples/onpolicy.toml --overwrite
 
 # "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
 compare: setup

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from .akd import HiddenConfig, TeacherPromptConfig, akd_checks
 from .curriculum import CurriculumConfig
 from .fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos, _pos_int, _unit
+from .onpolicy import OnPolicyConfig, onpolicy_checks
 
 
 @dataclass
@@ -237,6 +238,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,6 +294,7 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
     akd_checks(cfg)
+    onpolicy_checks(cfg)
     if not check_paths:
         return
     if m.teacher_cache:
