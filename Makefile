@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-cached compare compare-akd compare-quick akd test bench lint ext clean
+.PHONY: setup demo demo-cached compare compare-akd compare-quick akd onpolicy test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ akd: setup
 	$(BIN)/python -m ddk_fast.prompts --config examples/akd.toml
 	$(BIN)/python -m ddk_fast.train --config examples/akd.toml --overwrite
 
+# On-policy distillation on the demo (examples/onpolicy.toml): half of each step's sequences continued by the
+# student and scored by the teacher, DDK choosing the domains of the prompts.
+onpolicy: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.train --config examples/onpolicy.toml --overwrite
+
 # "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
 compare: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
@@ -62,12 +68,15 @@ compare-quick: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --quick
 
-# The demo trained from an offline teacher: the teacher's top-64 of every training sequence (2 epochs of each
-# domain's stream, so DDK may draw any domain twice over) is cached once, then the run never runs the teacher.
+# The demo trained from an offline teacher, with the cache's defaults: the teacher's top-64 of every sequence
+# the run can draw (--epochs auto), cached once; then the run never runs the teacher. KIND=hidden caches the
+# teacher's final hidden states + lm_head instead (exact dense loss; DTYPE=float32 reproduces the online run).
+KIND  ?= topk
+DTYPE ?= bfloat16
 demo-cached: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
-	$(BIN)/python -m ddk_fast.teacher_cache --config examples/demo.toml --top-k 64 --epochs 2 --out .cache/demo/teacher_top64
-	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --set model.teacher_cache=.cache/demo/teacher_top64 --set output.dir=runs/demo-cached --overwrite
+	$(BIN)/python -m ddk_fast.teacher_cache --config examples/demo.toml --kind $(KIND) --dtype $(DTYPE) --out .cache/demo/teacher_$(KIND)_$(DTYPE)
+	$(BIN)/python -m ddk_fast.train --config examples/demo.toml --set model.teacher_cache=.cache/demo/teacher_$(KIND)_$(DTYPE) --set output.dir=runs/demo-cached-$(KIND) --overwrite
 
 test: setup
 	$(BIN)/ruff check ddk_fast tests bench

@@ -46,12 +46,18 @@ def test_every_example_config_is_valid():
         build_config(raw, check_paths=False)  # a ConfigError names the file's bad key
 
 
-@pytest.mark.slow
-def test_akd_example_runs_and_its_report_shows_all_three_parts(tmp_path):
-    """examples/akd.toml as `make akd` runs it (prompt search, then training), on the tiny demo assets."""
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> dict:
+    """The tiny demo assets, built once for the example runs of this module."""
     from ddk_fast.demo.__main__ import prepare_demo
 
-    demo = prepare_demo(tmp_path / "demo", tiny=True, progress=False)
+    return prepare_demo(tmp_path_factory.mktemp("demo"), tiny=True, progress=False)
+
+
+@pytest.mark.slow
+def test_akd_example_runs_and_its_report_shows_all_three_parts(tmp_path, tiny_demo):
+    """examples/akd.toml as `make akd` runs it (prompt search, then training), on the tiny demo assets."""
+    demo = tiny_demo
     cfg = tmp_path / "akd.toml"
     cfg.write_text((REPO / "examples" / "akd.toml").read_text().replace(".cache/demo", str(demo["out"])))
     prompts, run = tmp_path / "prompts.json", tmp_path / "run"
@@ -71,3 +77,29 @@ def test_akd_example_runs_and_its_report_shows_all_three_parts(tmp_path):
     assert "Hidden-state loss" in report and "Teacher prompts" in report
     assert "| stage | steps | domains active | T | kd_weight |" in report
     assert (run / "final").is_dir()
+
+
+@pytest.mark.slow
+def test_onpolicy_example_runs_and_reports_the_generated_tokens(tmp_path, tiny_demo):
+    """examples/onpolicy.toml as `make onpolicy` runs it (`python -m ddk_fast.train`), on the tiny demo assets
+    and a short run: the student generates half of each step's rows, the report has the on-policy table."""
+    import json
+
+    demo = tiny_demo
+    cfg = tmp_path / "onpolicy.toml"
+    cfg.write_text((REPO / "examples" / "onpolicy.toml").read_text().replace(".cache/demo", str(demo["out"])))
+    run = tmp_path / "run"
+    small = [
+        "--set", "data.seq_len=32", "--set", "data.batch_size=4", "--set", "data.val_sequences=2",
+        "--set", "data.test_sequences=2", "--set", "onpolicy.prompt_tokens=16",
+        "--set", "onpolicy.max_new_tokens=16", "--set", "ddk.interval=3", "--set", "train.max_steps=6",
+        "--set", "train.warmup_steps=1", "--set", "checkpoint.every=3", "--set", "output.progress=false",
+        "--set", "output.tensorboard=false", "--set", f'output.dir="{run}"',
+    ]  # fmt: skip
+    _run("-m", "ddk_fast.train", "--config", str(cfg), *small)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(sum(r["domain_onpolicy_tokens"]) == 2 * 16 and r["onpolicy_kd"] > 0 for r in rows)
+    report = (run / "report.md").read_text()
+    assert "## On-policy distillation" in report and "continuation CE (test)" in report
+    assert (run / "final" / "adapter_config.json").exists()

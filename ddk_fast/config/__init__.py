@@ -4,6 +4,7 @@
 
 from .akd import HiddenConfig, TeacherPromptConfig
 from .curriculum import CurriculumConfig, StageConfig
+from .onpolicy import OnPolicyConfig
 from .parse import (
     apply_overrides,
     build_config,
@@ -30,7 +31,8 @@ from .run import (
 
 __all__ = [
     "CheckpointConfig", "CurriculumConfig", "DataConfig", "DDKConfig", "DomainConfig", "HiddenConfig",
-    "LossConfig", "ModelConfig", "OutputConfig", "RunConfig", "StageConfig", "TeacherPromptConfig",
-    "TrainConfig", "apply_overrides", "build_config", "dump_toml", "load_config", "parse_override",
-    "reference_markdown", "tomllib", "RESUMABLE_KEYS", "expand_data_files", "looks_like_hub_id",
+    "LossConfig", "ModelConfig", "OnPolicyConfig", "OutputConfig", "RunConfig", "StageConfig",
+    "TeacherPromptConfig", "TrainConfig", "apply_overrides", "build_config", "dump_toml", "load_config",
+    "parse_override", "reference_markdown", "tomllib", "RESUMABLE_KEYS", "expand_data_files",
+    "looks_like_hub_id",
 ]  # fmt: skip

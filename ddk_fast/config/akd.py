@@ -107,7 +107,7 @@ def akd_checks(cfg) -> None:
         raise ConfigError(
             "hidden.weight",
             h.weight,
-            "0 with [model] teacher_cache (the cache holds no teacher hidden states)",
+            "0 with [model] teacher_cache (a cache holds no teacher decoder layers)",
         )
     p = cfg.teacher_prompt
     if p.use and m.teacher_cache:

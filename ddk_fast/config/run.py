@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from .akd import HiddenConfig, TeacherPromptConfig, akd_checks
 from .curriculum import CurriculumConfig
 from .fields import TEMPERATURE_RANGE, _nonneg, _nonneg_int, _opt, _pos, _pos_int, _unit
+from .onpolicy import OnPolicyConfig, onpolicy_checks
 
 
 @dataclass
@@ -95,8 +96,9 @@ class ModelConfig:
     )
     teacher_cache: str = _opt(
         "",
-        "folder written by `python -m ddk_fast.teacher_cache`: train from the teacher's cached top-k "
-        "(sparse-teacher loss) and never run the teacher; empty = run the teacher online",
+        "folder written by `python -m ddk_fast.teacher_cache`: train from the teacher's cached signal and "
+        "never run the teacher (the kind is read from the cache: topk = the sparse-teacher loss, forward_kl "
+        "or total_variation; hidden = the dense loss, exact); empty = run the teacher online",
     )
     teacher_revision: str = _opt(
         "", "branch, tag or commit of a Hub teacher (and of its tokenizer); empty = main"
@@ -294,6 +296,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -387,13 +390,8 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
         raise ConfigError("loss.kd_weight", 0.0, "kd_weight or ce_weight > 0 (with both 0 the loss is 0)")
     if t.warmup_steps > t.max_steps:
         raise ConfigError("train.warmup_steps", t.warmup_steps, f"at most train.max_steps ({t.max_steps})")
-    if m.teacher_cache and cfg.loss.divergence not in ("forward_kl", "total_variation"):
-        raise ConfigError(
-            "loss.divergence",
-            cfg.loss.divergence,
-            "forward_kl or total_variation with [model] teacher_cache (the sparse-teacher loss)",
-        )
     akd_checks(cfg)
+    onpolicy_checks(cfg)
     if not check_paths:
         return
     if m.teacher_cache:

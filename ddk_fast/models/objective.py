@@ -18,6 +18,14 @@ hidden loss of the latest forward (detached, and its per-domain token sums) is k
 ``forward(input_ids, labels)`` without a teacher scores the validation set instead: it returns the float64
 sum of token CE and the token count (used by :mod:`ddk_fast.models.evaluation`), through the same module so a
 sharded student is gathered the same way.
+
+On-policy distillation (``ddk_fast/training/onpolicy.py``) uses two more entries of the same ``forward``:
+``sample=SampleSpec`` generates the student's continuations of prompts (:mod:`.generation`; through the
+module, so FSDP gathers the sharded student for every decoding step), and ``kd_only_rows`` names rows whose
+counted tokens take the KD term only (the student wrote them: there is no label to take CE against). Those
+rows get their own loss call with ``ce_weight = 0``; both calls divide by the micro-batch's total count of
+counted tokens, so the loss stays the mean over every counted token. The returned per-domain sums are the
+other rows'; the KD-only rows' (KD sum, token count) per domain are kept in ``last_onpolicy``.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ import torch
 from torch import nn
 
 from ..config import LossConfig
-from ..losses import fused_linear_kd_loss, fused_linear_kd_loss_topk
+from ..losses import KDOutput, fused_linear_kd_loss, fused_linear_kd_loss_topk
 from .evaluation import head_ce_sum
+from .generation import SampleSpec, sample_continuations
 from .hidden import HiddenStateLoss, capture_layers
 from .loading import final_hidden, head_spec
 
@@ -79,6 +88,7 @@ class DistillObjective(nn.Module):
         self.student = student
         self.hidden = hidden  # None: [hidden] off (no hooks, no parameters)
         self.last_hidden: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_onpolicy: torch.Tensor | None = None  # [2, num_domains]: KD-only rows' KD sums, tokens
         self.loss_cfg = loss
         self.num_domains = num_domains
         self.vocab_size = vocab_size
@@ -97,7 +107,12 @@ class DistillObjective(nn.Module):
         labels: torch.Tensor,
         domain_ids: torch.Tensor | None = None,
         teacher: TeacherSignal | None = None,
+        kd_only_rows: tuple[int, ...] = (),
+        sample: SampleSpec | None = None,
+        sample_keys: torch.Tensor | None = None,
     ):
+        if sample is not None:  # on-policy: the student continues the prompts `input_ids`
+            return self._generate(input_ids, sample, sample_keys)
         if teacher is None:  # validation scoring (no autocast, as the teacher's)
             hidden = final_hidden(self.student, input_ids)
             return head_ce_sum(hidden, head_spec(self.student), labels, self.vocab_size)
@@ -108,18 +123,24 @@ class DistillObjective(nn.Module):
         else:
             s_hidden = self._hidden(input_ids)
         if teacher.topk is not None:  # the sparse teacher of a top-k cache
+            if kd_only_rows:
+                raise ValueError("kd_only_rows: not supported with a top-k teacher cache (on-policy needs "
+                                 "a teacher that scores new tokens)")  # fmt: skip
             return self._sparse_teacher_loss(s_hidden, labels, domain_ids, *teacher.topk)
-        out = self._kd_loss(s_hidden, labels, domain_ids, teacher.hidden, teacher.head)
+        if kd_only_rows:
+            out = self._mixed_loss(s_hidden, labels, domain_ids, teacher, kd_only_rows)
+        else:
+            out = self._kd_loss(s_hidden, labels, domain_ids, teacher.hidden, teacher.head)
         if layers is None:
             return out
         h, domain_sums = self.hidden(student_layers, layers, labels, domain_ids, self.num_domains)
         self.last_hidden = (h.detach(), domain_sums)
         return out._replace(loss=out.loss + self.hidden.weight * h.to(out.loss.dtype))
 
-    def _loss_kwargs(self, labels, domain_ids) -> dict:
+    def _loss_kwargs(self, labels, domain_ids, **override) -> dict:
         """The arguments both losses take from the batch and the (current stage's) loss config."""
         L = self.loss_cfg
-        return dict(
+        kwargs = dict(
             labels=labels.reshape(-1),
             domain_ids=domain_ids,
             num_domains=self.num_domains,
@@ -130,8 +151,41 @@ class DistillObjective(nn.Module):
             scale_by_t2=L.scale_by_t2,
             backend=self.backend,
         )
+        kwargs.update(override)  # e.g. ce_weight = 0 for the rows the student generated
+        return kwargs
 
-    def _kd_loss(self, s_hidden, labels, domain_ids, teacher_hidden, head: TeacherHead):
+    def _generate(self, prompts: torch.Tensor, spec: SampleSpec, keys: torch.Tensor) -> torch.Tensor:
+        if self.autocast is None:
+            return sample_continuations(self.student, prompts, keys, spec)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return sample_continuations(self.student, prompts, keys, spec)
+
+    def _mixed_loss(self, s_hidden, labels, domain_ids, teacher: TeacherSignal, kd_only_rows) -> KDOutput:
+        """Rows ``kd_only_rows`` take the KD term only, the others CE + KD (module doc)."""
+        rows = s_hidden.shape[0]
+        dev = s_hidden.device
+        kd_only_set = set(kd_only_rows)
+        on = torch.tensor(sorted(kd_only_set), device=dev)
+        off = [i for i in range(rows) if i not in kd_only_set]
+        labels = labels.reshape(rows, -1)
+        doms = domain_ids.reshape(rows, -1) if domain_ids is not None else None
+        count = (labels != -100).sum().clamp(min=1)  # every counted token of the micro-batch: the divisor
+
+        def part(idx, **override):
+            return self._kd_loss(
+                s_hidden[idx], labels[idx], None if doms is None else doms[idx].reshape(-1),
+                teacher.hidden[idx], teacher.head, num_items_in_batch=count, **override,
+            )  # fmt: skip
+
+        kd_only = part(on, ce_weight=0.0)
+        self.last_onpolicy = torch.stack([kd_only.domain_kd_sum, kd_only.domain_tokens]).detach()
+        if len(off) == 0:  # every row generated: no CE, and no off-policy sums
+            zero = torch.zeros_like(kd_only.domain_kd_sum)
+            return KDOutput(kd_only.loss, zero.sum(), zero.sum(), zero, zero, zero)
+        rest = part(torch.tensor(off, device=dev))
+        return rest._replace(loss=rest.loss + kd_only.loss)
+
+    def _kd_loss(self, s_hidden, labels, domain_ids, teacher_hidden, head: TeacherHead, **override):
         student = head_spec(self.student)
         return fused_linear_kd_loss(
             s_hidden.reshape(-1, s_hidden.shape[-1]),
@@ -146,7 +200,7 @@ class DistillObjective(nn.Module):
             teacher_bias=head.bias,
             teacher_logit_scale=head.logit_scale,
             teacher_softcap=head.softcap,
-            **self._loss_kwargs(labels, domain_ids),
+            **self._loss_kwargs(labels, domain_ids, **override),
         )
 
     def _sparse_teacher_loss(self, s_hidden, labels, domain_ids, topk_ids, topk_logprobs, tail_logmass):

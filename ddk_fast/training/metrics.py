@@ -90,8 +90,6 @@ def _start_wandb(run_dir: Path, init: dict):
     id_file = run_dir / WANDB_ID
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
-    run = wandb.init(
-        dir=str(run_dir), name=run_dir.resolve().name, id=run_id, resume="allow", **init
-    )
+    run = wandb.init(dir=str(run_dir), name=run_dir.resolve().name, id=run_id, resume="allow", **init)
     log.info("wandb: run %s (project %s, mode %s)", run_id, init.get("project"), run.settings.mode)
     return run

@@ -64,6 +64,7 @@ def write_report(
             '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
         ]
     lines += _hidden_section(run / "metrics.jsonl", names)
+    lines += _onpolicy_section(result.onpolicy, run / "metrics.jsonl", names)
     improved = [n for i, n in enumerate(names) if last["student_loss"][i] < first["student_loss"][i]]
     lines += ["", f"Domains whose student loss improved: {len(improved)}/{len(names)}."]
     if result.weight_history and len(result.weight_history[0]["weights"]) > 1:
@@ -106,6 +107,58 @@ def _hidden_section(metrics: Path, names: list[str]) -> list[str]:
     ]
     lines += [f"| {n} | {mean(head, i)} | {mean(tail, i)} |" for i, n in enumerate(names)]
     lines.append(f"| all | {mean(head, None)} | {mean(tail, None)} |")
+    return lines
+
+
+def _onpolicy_section(onpolicy: dict, metrics: Path, names: list[str]) -> list[str]:
+    """``[onpolicy]`` on: per domain the tokens the student generated, the KD on them beside the KD on the
+    off-policy tokens (means over the first and last tenth of the logged steps, where the domain had tokens),
+    and the teacher's CE on the student's continuations of the test prompts."""
+    if not onpolicy:
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "domain_onpolicy_kd" in r]
+    k = max(1, len(rows) // 10)
+    head, tail = rows[:k], rows[-k:]
+
+    def mean(part: list[dict], key: str, count: str, i: int) -> str:
+        seen = [r[key][i] for r in part if r[count][i] > 0]
+        return f"{sum(seen) / len(seen):.4f}" if seen else "-"
+
+    gen = onpolicy["generated_per_domain"]
+    total = max(1, sum(gen))
+    cont = onpolicy.get("test_continuation_teacher_ce")
+    span = (
+        f"steps {head[0]['step']}-{head[-1]['step']} / {tail[0]['step']}-{tail[-1]['step']}" if rows else ""
+    )
+    lines = [
+        "",
+        "## On-policy distillation",
+        "",
+        f"`[onpolicy]` fraction {onpolicy['fraction']:g}: the student continued prompts of "
+        f"{onpolicy['prompt_tokens']} tokens with {onpolicy['max_new_tokens']} tokens (T "
+        f"{onpolicy['temperature']:g}, top_p {onpolicy['top_p']:g}); those tokens were trained by the KD "
+        f"term alone. Generation took {onpolicy['gen_seconds']:.1f} s of this process. KD = the "
+        f"divergence per token (no weight, no T²), mean over logged {span}; continuation CE = the "
+        "teacher's CE on the student's own continuations of the test prompts (lower: the student writes "
+        "what the teacher would).",
+        "",
+        "| domain | generated tokens | share | KD generated, first | KD generated, last | KD data, first | "
+        "KD data, last |" + (" continuation CE (test) |" if cont else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if cont else ""),
+    ]
+    for i, n in enumerate(names):
+        cols = [
+            f"{gen[i]:,}",
+            f"{gen[i] / total:.1%}",
+            mean(head, "domain_onpolicy_kd", "domain_onpolicy_tokens", i),
+            mean(tail, "domain_onpolicy_kd", "domain_onpolicy_tokens", i),
+            mean(head, "domain_kd", "domain_tokens", i),
+            mean(tail, "domain_kd", "domain_tokens", i),
+        ]
+        if cont:
+            cols.append(f"{cont[i]:.3f}")
+        lines.append(f"| {n} | " + " | ".join(cols) + " |")
     return lines
 
 

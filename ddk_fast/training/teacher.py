@@ -48,6 +48,7 @@ from ..models.evaluation import ScoreFn, domain_score_fn, model_score_fn
 from ..models.hidden import capture_layers
 from ..models.loading import check_vocab, final_hidden, load_teacher
 from ..models.objective import TeacherHead, TeacherSignal
+from ..ops.topk_reference import TOPK_DIVERGENCES
 from ..prompts import TeacherPrompts, build_prompts, open_prompts, row_domains
 from ..teacher_cache.coverage import check_coverage
 from ..teacher_cache.rows import CacheRows
@@ -242,6 +243,16 @@ class _CacheTeacher(Teacher):
 
 class TopkCacheTeacher(_CacheTeacher):
     kind = "topk cache"
+
+    def __init__(self, cfg, store: CacheStore, tokenizer):
+        super().__init__(cfg, store, tokenizer)
+        if cfg.loss.divergence not in TOPK_DIVERGENCES:
+            raise ConfigError(
+                "loss.divergence",
+                cfg.loss.divergence,
+                f"{' or '.join(TOPK_DIVERGENCES)} with a top-k [model] teacher_cache (the sparse-teacher "
+                "loss; a hidden-state cache, --kind hidden, supports every divergence)",
+            )
 
     def check_vocab(self, student, tokenizer) -> int:
         v_s = student.get_output_embeddings().weight.shape[0]

@@ -10,6 +10,8 @@
 * :mod:`ddk_fast.distributed`: the process group, DDP / FSDP2 and the collectives; the only place that
   knows about parallelism.
 * :class:`~.metrics.MetricsWriter`: ``metrics.jsonl`` / tensorboard (rank 0).
+* :class:`~.onpolicy.OnPolicy` (``onpolicy.py``): ``[onpolicy]``, the share of each step's rows the student
+  generates before the step (a no-op when off).
 
 One optimizer step (:meth:`Trainer.train_step`) over ``grad_accum`` global micro-batches: the loss of each
 micro-batch is its token sum divided by the token count of the whole global batch (all ranks, all
@@ -48,6 +50,7 @@ from .bundle import ModelBundle, build_models
 from .checkpointer import Checkpointer
 from .metrics import MetricsWriter
 from .nonfinite import step_flags
+from .onpolicy import OnPolicy, continuation_teacher_ce
 from .runfolder import config_changes, record_config
 from .schedule import DomainSchedule
 from .signals import NoSignals
@@ -73,6 +76,8 @@ class TrainResult:
     collapsed_updates: int = 0
     # [curriculum]: one dict per stage (stage, start, end, domains, active, temperature, kd_weight, ...)
     curriculum: list[dict] = field(default_factory=list)
+    # [onpolicy]: settings, generated tokens per domain, generation seconds (empty when off)
+    onpolicy: dict = field(default_factory=dict)
 
 
 def _row_hash(row: np.ndarray) -> int:
@@ -127,6 +132,7 @@ class Trainer:
         self.schedule = DomainSchedule(cfg, ctx, self.tokenizer)
         self.teacher_guard = self.schedule.teacher_guard
         self.teacher.attach(self.schedule)  # a cache: fits the data and covers the run, else an error here
+        self.onpolicy = OnPolicy(cfg, ctx, self.teacher, self.tokenizer.eos_token_id, self.schedule.names)
         self.models: ModelBundle = build_models(cfg, ctx, self.tokenizer, self.run_dir, self.teacher)
         if ctx.rank > 0:  # distinct dropout masks per rank (rank 0 keeps the single-process stream)
             torch.manual_seed(cfg.train.seed + ctx.rank)
@@ -216,6 +222,7 @@ class Trainer:
             "bad_total": self.bad_total,
             **self._hidden_state(),
             "teacher_prompts": self.teacher.state_key(),
+            **self.onpolicy.state_dict(),
         }
 
     def _hidden_state(self) -> dict:
@@ -255,6 +262,7 @@ class Trainer:
                 hidden.load_state_dict(state["hidden_projections"])
             elif projections and not ckpt.is_sharded_checkpoint(Path(path)):  # sharded: in the DCP state
                 raise KeyError("no [hidden] projections in the checkpoint (written with [hidden] off)")
+            self.onpolicy.load_state_dict(state)
             self.step = state["step"]
             ckpt.set_rng_state(state["rng"])
         except (ValueError, KeyError) as exc:
@@ -294,6 +302,11 @@ class Trainer:
     def evaluate_test(self) -> tuple[list[float], list[float]]:
         return self.schedule.evaluate_test(self.step, self.teacher, self.models)
 
+    def continuation_teacher_ce(self, split: str = "test", writer: str = "student") -> list[float]:
+        """The on-policy measure (:func:`~.onpolicy.continuation_teacher_ce`) on ``split``'s prompts."""
+        sets = self.test_sets if split == "test" else self.val_sets
+        return continuation_teacher_ce(self.models, self.teacher, sets, self.cfg, self.ctx, writer)
+
     # ------------------------------------------------------------------------------------------ step
     def _loss(self, batch: dict):
         """The objective on one micro-batch (this rank's rows): a :class:`~ddk_fast.KDOutput`."""
@@ -305,7 +318,7 @@ class Trainer:
         teacher = self.teacher.signal(ids, batch, hidden.teacher_layers if hidden is not None else None)
         if teacher.hidden is not None:  # a dense teacher's states are checked (a sparse one has none)
             self.teacher_guard.observe(self.step, teacher.hidden, batch["domain_ids"], dom)
-        return self.models.model(ids, labels, dom, teacher=teacher)
+        return self.models.model(ids, labels, dom, teacher=teacher, **self.onpolicy.loss_kwargs(batch))
 
     def _all_ranks_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """The non-finite policy's one check: True when the step's loss and gradient norm are finite on
@@ -331,6 +344,7 @@ class Trainer:
         c = self.cfg
         G, W = c.train.grad_accum, self.ctx.world_size
         micro = [next(batches) for _ in range(G)]
+        self.onpolicy.prepare(self.step, micro, self.models.objective)  # [onpolicy]: the generated rows
         counts = [int((np.asarray(b["labels"]) != -100).sum()) for b in micro]  # host: no device sync
         total = self._global_tokens(counts)
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -351,6 +365,7 @@ class Trainer:
                 (out.loss * scale).backward()
             loss += out.loss.detach().double() * (n / total)
             sums += torch.stack([out.domain_ce_sum, out.domain_kd_sum, out.domain_tokens]).detach().double()
+            self.onpolicy.observe(objective)
             if hidden is not None and objective.last_hidden is not None:
                 h, h_domain = objective.last_hidden
                 hidden[0] += h.double() * (n / total)
@@ -444,6 +459,7 @@ class Trainer:
                         weights=list(self.sampler.weights),
                         bad_steps=self.bad_total,
                     )
+                    row.update(self.onpolicy.metrics(now - t_log))
                     if self.stage is not None:
                         row.update(
                             self.schedule.curriculum.metrics(self.stage, self.models.objective.loss_cfg)
@@ -457,6 +473,7 @@ class Trainer:
                         f"{row['tokens_per_s']:,.0f} tok/s "
                         f"w=[{' '.join(f'{w:.2f}' for w in row['weights'])}]"
                         + (f" stage {row['stage']} T={row['temperature']:.2f}" if "stage" in row else "")
+                        + self.onpolicy.postfix(row)
                     )
                 saved = self.step % c.checkpoint.every == 0 and self.step < t.max_steps
                 if saved:
@@ -474,6 +491,9 @@ class Trainer:
             test_losses, teacher_test = self.evaluate_test()
             self.save()
             self.export()
+        onpolicy = self.onpolicy.summary()  # collective
+        if onpolicy and test_losses:  # the on-policy measure on the test prompts (collective)
+            onpolicy["test_continuation_teacher_ce"] = self.continuation_teacher_ce("test")
         if self.metrics is not None:
             self.metrics.close()
         return TrainResult(
@@ -490,6 +510,7 @@ class Trainer:
             teacher_test_losses=teacher_test,
             collapsed_updates=self.schedule.collapsed_updates(),
             curriculum=self.schedule.curriculum.table(c.loss) if self.schedule.curriculum.enabled else [],
+            onpolicy=onpolicy,
         )
 
     def _interrupt(self, bar, saved: bool = False) -> None:

@@ -101,8 +101,8 @@ BAD = [
     (
         "optimizer",
         {"lr": 1},
-        r"optimizer: expected a section \(checkpoint, curriculum, data, ddk, hidden, loss, model, output, "
-        r"teacher_prompt, train\)",
+        r"optimizer: expected a section \(checkpoint, curriculum, data, ddk, hidden, loss, model, onpolicy, "
+        r"output, teacher_prompt, train\)",
     ),
 ]
 

@@ -122,3 +122,19 @@ def test_hidden_rows_are_the_online_teachers_final_hidden_states(assets, online,
     ids = torch.as_tensor(batch["input_ids"])
     online_h = t.teacher.signal(ids, batch).hidden
     np.testing.assert_allclose(rows, online_h.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hidden_cache_takes_every_divergence_a_topk_cache_refuses_them(assets, online, tmp_path):
+    from ddk_fast.errors import ConfigError
+
+    hidden = _cache(online, tmp_path, "bfloat16")
+    t = Trainer(make_cfg(assets, tmp_path / "h", train__max_steps=2, model__teacher_cache=str(hidden),
+                         loss__divergence="jsd"))  # fmt: skip
+    t.setup()
+    assert t.fit().step == 2
+    topk = tmp_path / "topk"
+    assert cache_main(["--config", str(online[0]), "--top-k", "4", "--out", str(topk)]) == 0
+    cfg = make_cfg(assets, tmp_path / "k", train__max_steps=2, model__teacher_cache=str(topk),
+                   loss__divergence="jsd")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\[loss\] divergence: expected forward_kl or total_variation"):
+        Trainer(cfg).setup()

@@ -154,6 +154,7 @@ def _build_runs(tmp: Path) -> Path:
             {"cfg": c("plain_short", steps=4, every=2), "out": r("plain_short")},
             {"cfg": prompted("prompts_one"), "out": r("prompts_one")},
             {"cfg": _curriculum(c("curriculum_one", steps=6, every=6)), "out": r("curriculum_one")},
+            {"cfg": _onpolicy(c("onpolicy_one", mode="lora", steps=4, every=2)), "out": r("onpolicy_one")},
         ],
         1,
     )
@@ -185,12 +186,18 @@ def _build_runs(tmp: Path) -> Path:
                 "cfg": _shard_teacher(prompted("prompts_sharded", parallel="fsdp")),
                 "out": r("prompts_sharded"),
             },
+            {"cfg": _onpolicy(c("onpolicy_ddp", mode="lora", steps=4, every=2)), "out": r("onpolicy_ddp")},
+            {
+                "cfg": _onpolicy(c("onpolicy_fsdp", mode="lora", parallel="fsdp", steps=4, every=2)),
+                "out": r("onpolicy_fsdp"),
+            },
         ],
         2,
     )
     _cut(tmp / "two", tmp / "two_to_one")
     shutil.copytree(tmp / "fsdp_full", tmp / "fsdp_to_one")
     _cut(tmp / "fsdp_lora", tmp / "fsdp_lora_to_one", at=2)
+    _cut(tmp / "onpolicy_ddp", tmp / "onpolicy_to_one", at=2)
     _launch(
         tmp,
         "single_resume",
@@ -201,6 +208,11 @@ def _build_runs(tmp: Path) -> Path:
                 "cfg": c("fsdp_lora_to_one", mode="lora", steps=4, every=2),
                 "resume": True,
                 "out": r("fsdp_lora_to_one"),
+            },
+            {
+                "cfg": _onpolicy(c("onpolicy_to_one", mode="lora", steps=4, every=2)),
+                "resume": True,
+                "out": r("onpolicy_to_one"),
             },
         ],
         1,
@@ -227,6 +239,12 @@ def _hidden(raw: dict) -> dict:
 def _curriculum(raw: dict) -> dict:
     """[curriculum]: two ranked stages of 3 steps (the first without the hardest domains)."""
     return {**raw, "curriculum": {"num_stages": 2, "order": "teacher_ce"}}
+
+
+def _onpolicy(raw: dict) -> dict:
+    """[onpolicy]: half of each step's sequences continued by the student (8-token prompts, 16 new tokens)."""
+    onpolicy = {"fraction": 0.5, "prompt_tokens": 8, "max_new_tokens": 16}
+    return {**raw, "onpolicy": onpolicy, "loss": {"divergence": "jsd"}}
 
 
 def _prompts_file(raw: dict, out: Path) -> str:
@@ -488,3 +506,21 @@ def test_curriculum_under_ddp_matches_one_rank(runs):
     assert all(one[s]["domain_tokens"][i] == 0 for s in (1, 2, 3) for i in inactive)
     for a, b in zip(h1, h2[0]):
         np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6)
+
+
+def test_onpolicy_under_ddp_and_fsdp_matches_one_rank_and_resumes_on_one_rank(runs):
+    """[onpolicy]: each rank generates its own rows of the world-invariant global batch (under FSDP through
+    the sharded student, the same number of generate calls on every rank); the generated tokens are keyed by
+    (seed, step, sequence), so the batches (whose fingerprints include the generated tokens), the losses and
+    the generated-token KD are the one-rank run's; a 2-rank checkpoint resumes on one rank."""
+    one = _rows(runs / "onpolicy_one")
+    for name in ("onpolicy_ddp", "onpolicy_fsdp"):
+        other = _rows(runs / name)
+        _same_steps(one, other, (1, 2, 3, 4))
+        for s in (1, 2, 3, 4):
+            assert other[s]["domain_onpolicy_tokens"] == one[s]["domain_onpolicy_tokens"], (name, s)
+            assert sum(other[s]["domain_onpolicy_tokens"]) == 2 * 2 * 16  # half of 2 x 4 sequences, 16 tokens
+            assert other[s]["onpolicy_kd"] == pytest.approx(one[s]["onpolicy_kd"], rel=1e-5), (name, s)
+    resumed = _rows(runs / "onpolicy_to_one")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    _same_steps(one, resumed, (3, 4))
