@@ -314,16 +314,19 @@ def _init_source(folder: Path) -> ModelSource:
     return ModelSource(str(folder), "model.student", Path(folder).resolve())
 
 
-def base_source(cfg: ModelConfig, run_dir: Path, dtype, seed: int, teacher=None) -> ModelSource | None:
+def base_source(
+    cfg: ModelConfig, run_dir: Path, dtype, seed: int, teacher=None, build: bool = True
+) -> ModelSource | None:
     """The student's base model: ``[model] student`` (a folder or Hub id), the student initialisation in
-    ``<run>/student_init`` (cut from the teacher's layers: built here when ``teacher`` is given), or None
-    for an inline config in full / lora mode (built in memory)."""
+    ``<run>/student_init`` (cut from the teacher's layers, or an inline config in qlora mode: (re)built
+    here unless ``build`` is False; ``teacher()`` is called only to cut layers), or None for an inline
+    config in full / lora mode (built in memory)."""
     if cfg.student:
         return student_source(cfg)
     if cfg.student_from_teacher_layers or cfg.student_mode == "qlora":
         # an inline config in qlora mode is materialised too: quantisation goes through from_pretrained
         folder = Path(run_dir) / STUDENT_INIT
-        if teacher is not None:
+        if build:
             ensure_student_init(cfg, folder, dtype, seed, teacher)
         return _init_source(folder)
     return None
@@ -333,7 +336,7 @@ def base_model_record(cfg: ModelConfig, run_dir: Path) -> dict:
     """What ``final/`` records as the student's base model: its Hub id (and revision) or the absolute path
     of its folder (``<run>/student_init`` for a student cut from the teacher or built from an inline
     config), so ``final/`` loads from any working directory."""
-    src = base_source(cfg, run_dir, None, 0)
+    src = base_source(cfg, run_dir, None, 0, build=False)
     if src is None:
         return {"base_model": None, "revision": None}
     return {"base_model": src.record, "revision": src.revision}
