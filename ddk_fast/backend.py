@@ -62,6 +62,8 @@ def resolve_loss_backend(requested: str, on_cuda: bool) -> BackendChoice:
         raise ValueError(f"loss backend: expected one of {LOSS_BACKENDS}, got {requested!r}")
     if requested == "torch":
         return BackendChoice("torch", "requested")
+    if requested == "auto" and not on_cuda:  # decided without importing triton (~1 s, ~30 modules)
+        return BackendChoice("torch", "tensors are on the CPU: the chunked torch path is fastest there")
     err = triton_import_error()
     if requested == "triton":
         if err is not None:
@@ -73,8 +75,6 @@ def resolve_loss_backend(requested: str, on_cuda: bool) -> BackendChoice:
                 "or use backend='torch'"
             )
         return BackendChoice("triton", "requested")
-    if not on_cuda:
-        return BackendChoice("torch", "tensors are on the CPU: the chunked torch path is fastest there")
     if err is not None:
         return BackendChoice("torch", err)
     return BackendChoice("triton", "CUDA tensors and triton available")

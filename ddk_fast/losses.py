@@ -25,7 +25,7 @@ from .ops.params import (
     check_tokens,
     make_params,
 )
-from .ops.reference import _check_chunk, fused_linear_kd_loss_reference, kd_loss_reference
+from .ops.reference import check_chunk, kd_torch, linear_kd_torch
 
 __all__ = ["fused_linear_kd_loss", "FusedLinearKDLoss", "kd_loss", "KDLoss", "KDOutput", "KDParams"]
 __all__ += ["fused_linear_kd_loss_topk", "FusedLinearKDTopkLoss"]
@@ -194,7 +194,7 @@ def fused_linear_kd_loss(
             call. False: no check (out-of-range labels are then clamped).
         backend: ``auto`` (triton on CUDA, torch on CPU) | ``triton`` | ``torch``; the env var
             ``DDK_FAST_LOSS_BACKEND`` overrides.
-        chunk_size: rows per chunk of the torch path (default: ~16 MiB fp32 tiles).
+        chunk_size: rows per chunk of the torch path (default: ~32 MiB fp32 tiles, at least 128 rows).
 
     Shape:
         ``student_hidden [B, T, H_s]`` or ``[N, H_s]``, ``student_weight [V_s, H_s]``, ``teacher_hidden`` with
@@ -213,7 +213,7 @@ def fused_linear_kd_loss(
         divergence, beta, temperature, kd_weight, ce_weight, scale_by_t2, ignore_index, num_domains,
         skew_lambda, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
     )  # fmt: skip
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     student_hidden, teacher_hidden, labels, domain_ids = _flatten_tokens(
         student_hidden, teacher_hidden, "teacher_hidden", labels, domain_ids, shift_labels, ignore_index,
         "student_hidden",
@@ -228,9 +228,9 @@ def fused_linear_kd_loss(
     mats = (student_hidden, student_weight, teacher_hidden, teacher_weight)
     if _choose_backend(backend, student_hidden, any(m.dtype == torch.float64 for m in mats)) == "triton":
         return fused_linear_kd_loss_triton(*mats, labels, domain_ids, p, student_bias, teacher_bias, divisor)
-    return fused_linear_kd_loss_reference(
-        *mats, labels, domain_ids, chunk_size=chunk_size, params=p, student_bias=student_bias,
-        teacher_bias=teacher_bias, divisor=divisor,
+    return linear_kd_torch(
+        *mats, labels, domain_ids, p, student_bias=student_bias, teacher_bias=teacher_bias, divisor=divisor,
+        chunk=chunk_size or 0,
     )  # fmt: skip
 
 
@@ -278,7 +278,7 @@ def kd_loss(
         divergence, beta, temperature, kd_weight, ce_weight, scale_by_t2, ignore_index, num_domains,
         skew_lambda, student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap,
     )  # fmt: skip
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     student_logits, teacher_logits, labels, domain_ids = _flatten_tokens(
         student_logits, teacher_logits, "teacher_logits", labels, domain_ids, shift_labels, ignore_index,
         "student_logits",
@@ -290,9 +290,8 @@ def kd_loss(
     f64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     if _choose_backend(backend, student_logits, f64) == "triton":
         return kd_loss_triton(student_logits, teacher_logits, labels, domain_ids, p, divisor)
-    return kd_loss_reference(
-        student_logits, teacher_logits, labels, domain_ids, chunk_size=chunk_size, params=p, divisor=divisor
-    )
+    chunk = chunk_size or 0
+    return kd_torch(student_logits, teacher_logits, labels, domain_ids, p, divisor=divisor, chunk=chunk)
 
 
 class _KDLossBase(nn.Module):
@@ -418,7 +417,7 @@ def fused_linear_kd_loss_topk(
         divergence, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
         scale_by_t2=scale_by_t2, ignore_index=ignore_index, num_domains=num_domains,
     )  # fmt: skip
-    _check_chunk(chunk_size)
+    check_chunk(chunk_size)
     student_weight = _full(student_weight)
     check_topk_inputs(student_hidden, student_weight, topk_ids, topk_logprobs, tail_logmass)
     check_tokens(student_hidden.shape[0], labels, domain_ids, p.num_domains, student_hidden.device)

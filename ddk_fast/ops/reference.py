@@ -28,10 +28,12 @@ Gradient w.r.t. the tempered student logits z = s/T, g_j = dD/dq_j: ``dD/dz_j = 
 and the CE gradient is ``softmax(s) - onehot(y)``.
 
 Memory: everything is chunked over tokens (``chunk_size`` rows at a time, default sized so a chunk's
-``[chunk, V]`` fp32 tile is ~16 MiB); the gradient is computed in the forward pass per chunk
-(gradient-in-forward), so autograd saves only the ``[N, H]`` / ``[V, H]`` gradients, never a ``[N, V]``
-tensor. On CPU this is cheaper than recomputing the logits in backward: the teacher matmul is done once (see
-docs/kernels.md for the measurement).
+``[chunk, V]`` fp32 tile is ~32 MiB, at least 128 rows); the gradient is computed in the forward pass per
+chunk (gradient-in-forward), so autograd saves only the ``[N, H]`` / ``[V, H]`` gradients, never a
+``[N, V]`` tensor. On CPU this is cheaper than recomputing the logits in backward: the teacher matmul is done
+once (see docs/kernels.md for the measurement). The peak is a few tiles (:func:`peak_extra_bytes`): the
+per-chunk math takes its tiles over and frees or overwrites each as soon as it is used. ``kd_weight=0``
+skips the teacher head (CE only; D and the domain KD sums are reported as 0).
 
 Precision: logits, softmax and every sum are computed in fp32 whatever the input dtype and whatever the
 autocast state (autocast is switched off inside), or in fp64 when any input matrix is fp64; gradients are
@@ -40,7 +42,10 @@ returned in the inputs' dtypes.
 ``torch.compile``: the chunk loop runs inside two ``torch.library.custom_op``s (``ddk_fast::linear_kd_torch``,
 ``ddk_fast::kd_torch``) with fake implementations, so Dynamo sees one opaque node whose token count is
 symbolic: a new N does not recompile (a loop over ``range(0, N, chunk)`` traced by Dynamo would specialise
-on N). Higher-order gradients are not supported (the gradient is precomputed): ``create_graph=True`` raises.
+on N). Eager calls skip the custom op and run a ``torch.autograd.Function`` twin (same forward and
+backward): a custom op's first eager call imports torch._dynamo (~900 modules, ~100 MB, seconds), which a
+training loop that does not compile never needs. Higher-order gradients are not supported (the gradient is
+precomputed): ``create_graph=True`` raises.
 
 The plain formula (materialised logits, autograd), used as the float64 ground truth in the tests and as the
 "naive" benchmark provider, is ``ddk_fast/ops/naive.py``: it is a transcription of the math above, not a
@@ -65,8 +70,14 @@ from .params import (  # noqa: F401  (re-exported: the names used to live here)
     make_params,
 )
 
-# a [chunk, V] fp32 tile of this many elements (16 MiB) by default
-_CHUNK_ELEMENTS = 1 << 22
+# default chunk: a [chunk, V] fp32 tile of this many elements (32 MiB), but at least _MIN_ROWS rows: each
+# chunk re-reads both [V, H] heads, and below ~128 rows the matmuls are bound by that read (measured on CPU:
+# 12 GFLOP/s at 27 rows vs 27 at 128, V 151936, H 512)
+_CHUNK_ELEMENTS = 1 << 23
+_MIN_ROWS = 128
+# live [chunk, V] fp32 tiles at the peak of a chunk: 4 for forward_kl (3 with kd_weight 0), 8 for the others
+_PEAK_TILES_FORWARD_KL = 4
+_PEAK_TILES_OTHER = 8
 
 NO_HIGHER_ORDER = (
     "ddk_fast KD loss: higher-order gradients (backward with create_graph=True) are not supported: the "
@@ -76,7 +87,20 @@ NO_HIGHER_ORDER = (
 
 
 def auto_chunk_size(n: int, vocab: int) -> int:
-    return max(1, min(n, max(8, _CHUNK_ELEMENTS // max(vocab, 1))))
+    """Rows per chunk when the caller gives none: ~32 MiB fp32 tiles, at least 128 rows (at most n)."""
+    return max(1, min(n, max(_MIN_ROWS, _CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def peak_extra_bytes(n: int, vocab: int, hidden: int, chunk: int | None = None,
+                     divergence: str = "forward_kl", need_weight_grad: bool = False) -> int:  # fmt: skip
+    """The documented bound of the torch path's peak extra memory (fp32, forward + backward) beyond the
+    inputs: the live ``[chunk, V]`` tiles of one chunk plus the gradient outputs (``[N, H]``, and ``[V, H]``
+    when the head trains) and per-row buffers. ``bench/bench_kd_loss.py`` measures it and the smoke run
+    fails above 1.5x this."""
+    chunk = min(n, chunk or auto_chunk_size(n, vocab))
+    tiles = _PEAK_TILES_FORWARD_KL if divergence == "forward_kl" else _PEAK_TILES_OTHER
+    grads = n * hidden + (vocab * hidden if need_weight_grad else 0)
+    return 4 * (tiles * chunk * vocab + grads + 8 * n)
 
 
 def compute_dtype(*tensors) -> torch.dtype:
@@ -101,10 +125,71 @@ def _transform(raw: torch.Tensor, scale: float, cap: float):
     return raw, (scale if scale != 1.0 else None)
 
 
-def _chunk_terms(s, t, labels, p: KDParams, need_grad: bool):
+def _ce_only_terms(tiles: list, labels, p: KDParams, need_grad: bool):
+    """``kd_weight == 0``: CE and its gradient (D reported as 0); takes ``tiles = [s]`` over (emptied)."""
+    s = tiles.pop()
+    if labels is None:
+        d = s.new_zeros(s.shape[0])
+        return d, d, (s.zero_() if need_grad else None)
+    safe = labels.clamp(0, s.shape[1] - 1).long()[:, None]
+    lsm = torch.log_softmax(s, dim=-1)
+    del s
+    ce = -lsm.gather(1, safe).squeeze(1)
+    d = torch.zeros_like(ce)
+    if not need_grad:
+        return ce, d, None
+    grad = lsm.exp_().mul_(p.ce_weight)
+    grad.scatter_add_(1, safe, torch.full_like(safe, -p.ce_weight, dtype=grad.dtype))
+    return ce, d, grad
+
+
+def _forward_kl_terms(tiles: list, labels, p: KDParams, need_grad: bool):
+    """Forward KL + CE in few passes and three ``[C, V]`` tiles (four when T != 1 with labels): the fused
+    log_softmax kernel, then in-place updates (log p - log q, times p; q, then the gradient)."""
+    t, s = tiles.pop(), tiles.pop()
+    temp = p.temperature
+    safe = labels.clamp(0, s.shape[1] - 1).long()[:, None] if labels is not None else None
+    lsm = None  # log_softmax of the un-tempered student logits (CE) when T != 1
+    if temp != 1.0:
+        if safe is not None:
+            lsm = torch.log_softmax(s, dim=-1)
+        s.mul_(1.0 / temp)
+        t.mul_(1.0 / temp)
+    lq = torch.log_softmax(s, dim=-1)
+    del s
+    lp = torch.log_softmax(t, dim=-1)
+    del t
+    ce = -(lq if lsm is None else lsm).gather(1, safe).squeeze(1) if safe is not None else None
+    pt = lp.exp()
+    d = lp.sub_(lq).mul_(pt).sum(-1)
+    del lp
+    if ce is None:
+        ce = torch.zeros_like(d)
+    if not need_grad:
+        return ce, d, None
+    kc = p.kd_scale / temp
+    cw = p.ce_weight if safe is not None else 0.0
+    grad = lq.exp_()  # q
+    if lsm is None:
+        grad.mul_(kc + cw).sub_(pt, alpha=kc)
+    else:
+        grad.mul_(kc).sub_(pt, alpha=kc).add_(lsm.exp_(), alpha=cw)
+    if cw != 0.0:
+        grad.scatter_add_(1, safe, torch.full_like(safe, -cw, dtype=grad.dtype))
+    return ce, d, grad
+
+
+def _chunk_terms(tiles: list, labels, p: KDParams, need_grad: bool):
     """Per-row CE and D of a chunk, and the gradient of ``ce_weight*CE + kd_scale*D`` w.r.t. ``s`` (per row,
-    unweighted by 1/n). ``s``, ``t``: [C, V] in the compute dtype (fp32; fp64 for fp64 inputs);
-    ``labels``: [C] or None."""
+    unweighted by 1/n). ``tiles``: ``[s, t]`` ([C, V] logits in the compute dtype: fp32, fp64 for fp64
+    inputs), or ``[s]`` when ``kd_weight == 0`` (CE only, the teacher never computed: D is reported as 0).
+    The function takes the tiles over: it empties the list and may overwrite them, so that a tile is freed as
+    soon as it is used (the peak is a few tiles, not all the temporaries). ``labels``: [C] or None."""
+    if len(tiles) == 1:
+        return _ce_only_terms(tiles, labels, p, need_grad)
+    if p.divergence == "forward_kl":
+        return _forward_kl_terms(tiles, labels, p, need_grad)
+    t, s = tiles.pop(), tiles.pop()
     temp = p.temperature
     inv_t = 1.0 / temp
     lq = torch.log_softmax(s * inv_t if temp != 1.0 else s, dim=-1)
@@ -113,11 +198,7 @@ def _chunk_terms(s, t, labels, p: KDParams, need_grad: bool):
     pt = lp.exp()
     div = p.divergence
     gz = None
-    if div == "forward_kl":
-        d = (pt * (lp - lq)).sum(-1)
-        if need_grad:
-            gz = q - pt
-    elif div == "reverse_kl":
+    if div == "reverse_kl":
         diff = lq - lp
         d = (q * diff).sum(-1)
         if need_grad:
@@ -211,7 +292,7 @@ def _out_from(res) -> KDOutput:
     return KDOutput(loss, ce.detach(), kd.detach(), dce.detach(), dkd.detach(), dtok.detach())
 
 
-def _check_chunk(chunk_size) -> int:
+def check_chunk(chunk_size) -> int:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -249,6 +330,7 @@ def _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, p: KDP
     grad_w = torch.zeros(w_s.shape, dtype=dt, device=dev) if need_w else h_s.new_empty(0, dtype=dt)
     grad_b = torch.zeros(v, dtype=dt, device=dev) if need_b else h_s.new_empty(0, dtype=dt)
     need_grad = need_h or need_w or need_b
+    with_teacher = p.kd_weight != 0.0  # CE only: the teacher head is skipped (D reported as 0)
     # 1/divisor is known before the loop (a tensor: no host sync) so each chunk's gradient is final
     inv_div = _inv_divisor(valid, divisor, dt)
     for i in range(0, n, chunk):
@@ -258,14 +340,16 @@ def _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, p: KDP
         if b_s32 is not None:
             raw_s += b_s32
         s, ds = _transform(raw_s, p.student_logit_scale, p.student_softcap)
-        raw_t = h_t[i:j].to(dt) @ w_t32.T
-        if b_t32 is not None:
-            raw_t += b_t32
-        t, _ = _transform(raw_t, p.teacher_logit_scale, p.teacher_softcap)
-        del raw_s, raw_t
+        tiles = [s]
+        del raw_s, s
+        if with_teacher:
+            raw_t = h_t[i:j].to(dt) @ w_t32.T
+            if b_t32 is not None:
+                raw_t += b_t32
+            tiles.append(_transform(raw_t, p.teacher_logit_scale, p.teacher_softcap)[0])
+            del raw_t
         lab = labels[i:j] if labels is not None else None
-        ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
-        del s, t
+        ce, d, g = _chunk_terms(tiles, lab, p, need_grad)
         vm = valid[i:j]
         ce_rows[i:j] = torch.where(vm, ce, 0.0)
         d_rows[i:j] = torch.where(vm, d, 0.0)
@@ -282,6 +366,13 @@ def _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, p: KDP
     return _finish(ce_rows, d_rows, valid, domain_ids, p, inv_div) + (grad_h, grad_w, grad_b)
 
 
+def _linear_kd_body(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, ints, floats, chunk, need_h,
+                    need_w, need_b):  # fmt: skip
+    with torch.autocast(h_s.device.type, enabled=False):
+        return _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor,
+                          KDParams.from_op(ints, floats), chunk, need_h, need_w, need_b)  # fmt: skip
+
+
 @torch.library.custom_op("ddk_fast::linear_kd_torch", mutates_args=())
 def linear_kd_torch_op(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, b_s: Tensor | None, b_t: Tensor | None,
@@ -290,9 +381,8 @@ def linear_kd_torch_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, ce, kd, domain_ce_sum, domain_kd_sum, domain_tokens, grad_h, grad_w, grad_b); gradients of
     ``loss`` in the compute dtype, ``[0]`` when not needed."""
-    with torch.autocast(h_s.device.type, enabled=False):
-        return _linear_kd(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor,
-                          KDParams.from_op(ints, floats), chunk, need_h, need_w, need_b)  # fmt: skip
+    return _linear_kd_body(h_s, w_s, h_t, w_t, b_s, b_t, labels, domain_ids, divisor, ints, floats, chunk,
+                           need_h, need_w, need_b)  # fmt: skip
 
 
 @linear_kd_torch_op.register_fake
@@ -313,17 +403,46 @@ def _linear_setup(ctx, inputs, output):
     ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
 
 
+def _scaled(g: Tensor, grad_loss: Tensor, dt: torch.dtype) -> Tensor:
+    """``g * grad_loss`` in ``dt``; no copy of ``g`` for the usual ``loss.backward()`` (grad_loss == 1 on CPU,
+    where reading it costs no device sync): a [V, H] weight gradient is not duplicated."""
+    if g.device.type == "cpu" and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        return g.to(dt)
+    return (g * grad_loss.to(g.dtype)).to(dt)
+
+
 def _linear_backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():
         raise RuntimeError(NO_HIGHER_ORDER)
     out = [None] * 15
     for k, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
         if ctx.needs_input_grad[(0, 1, 4)[k]] and g.numel():
-            out[(0, 1, 4)[k]] = (g * grad_loss.to(g.dtype)).to(dt)
+            out[(0, 1, 4)[k]] = _scaled(g, grad_loss, dt)
     return tuple(out)
 
 
 linear_kd_torch_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _eager_twin(name: str, body, setup, backward) -> type[torch.autograd.Function]:
+    """The eager twin of a custom op: the same forward, setup and backward as a ``torch.autograd.Function``.
+    A custom op's first eager call imports torch._dynamo (~900 modules, ~100 MB, seconds); eager callers do
+    not need that, so :func:`linear_kd_torch` / :func:`kd_torch` take the twin unless torch.compile traces."""
+
+    def forward(ctx, *args):
+        res = body(*args)
+        setup(ctx, args, res)
+        ctx.mark_non_differentiable(*res[1:])
+        return res
+
+    def twin_backward(ctx, grad_loss, *_unused):
+        return backward(ctx, grad_loss)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(twin_backward)})  # fmt: skip
+
+
+_LinearKDFunction = _eager_twin("_LinearKDFunction", _linear_kd_body, _linear_setup, _linear_backward)
 
 
 def fused_linear_kd_loss_reference(
@@ -356,8 +475,9 @@ def fused_linear_kd_loss_reference(
     dtype; logits are computed and kept in fp32 (fp64 for fp64 inputs). Gradients: ``student_hidden``,
     ``student_weight`` and ``student_bias`` when they require grad; the teacher gets none. ``divisor``: 0-d
     tensor replacing the token count of the mean. ``extras``: ``skew_lambda``, ``student_logit_scale``,
-    ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``. Peak extra memory ~ 6 x chunk_size x
-    V_s x 4 bytes.
+    ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap``. Peak extra memory: at most
+    :func:`peak_extra_bytes` (forward_kl: 4 fp32 ``[chunk_size, V_s]`` tiles plus the gradients; 3 tiles with
+    ``kd_weight=0``, which skips the teacher head; 8 for the other divergences).
     """
     p = params or make_params(
         divergence, beta, temperature, kd_weight, ce_weight, scale_by_t2, ignore_index, num_domains, **extras
@@ -366,17 +486,27 @@ def fused_linear_kd_loss_reference(
     check_bias("student_bias", student_bias, student_weight)
     check_bias("teacher_bias", teacher_bias, teacher_weight)
     check_tokens(student_hidden.shape[0], labels, domain_ids, p.num_domains, student_hidden.device)
-    chunk = _check_chunk(chunk_size)
-    grad_on = torch.is_grad_enabled()
-    need_h = grad_on and student_hidden.requires_grad
-    need_w = grad_on and student_weight.requires_grad
-    need_b = grad_on and student_bias is not None and student_bias.requires_grad
-    res = linear_kd_torch_op(
-        student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), student_bias,
-        teacher_bias.detach() if teacher_bias is not None else None, labels, domain_ids, divisor,
-        p.op_ints(), p.op_floats(), chunk, need_h, need_w, need_b,
+    return linear_kd_torch(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, domain_ids, p,
+        student_bias=student_bias, teacher_bias=teacher_bias, divisor=divisor, chunk=check_chunk(chunk_size),
     )  # fmt: skip
-    return _out_from(res)
+
+
+def linear_kd_torch(h_s, w_s, h_t, w_t, labels, domain_ids, p: KDParams, *, student_bias=None,
+                    teacher_bias=None, divisor=None, chunk: int = 0) -> KDOutput:  # fmt: skip
+    """The torch path of ``fused_linear_kd_loss`` on inputs the caller has already checked (no validation
+    here: the public functions validate once). Eager calls run the autograd.Function; under torch.compile
+    the custom op (one opaque node, symbolic token count)."""
+    grad_on = torch.is_grad_enabled()
+    args = (
+        h_s, w_s, h_t.detach(), w_t.detach(), student_bias,
+        teacher_bias.detach() if teacher_bias is not None else None, labels, domain_ids, divisor,
+        p.op_ints(), p.op_floats(), chunk, grad_on and h_s.requires_grad, grad_on and w_s.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _out_from(linear_kd_torch_op(*args))
+    return _out_from(_LinearKDFunction.apply(*args))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,10 +526,16 @@ def _kd(s_all, t_all, labels, domain_ids, divisor, p: KDParams, chunk: int, need
     inv_div = _inv_divisor(valid, divisor, dt)
     for i in range(0, n, chunk):
         j = min(i + chunk, n)
-        s, ds = _transform(s_all[i:j].to(dt), p.student_logit_scale, p.student_softcap)
-        t, _ = _transform(t_all[i:j, :v].to(dt), p.teacher_logit_scale, p.teacher_softcap)
+        # copies: _chunk_terms overwrites its tiles, and these would be views of the caller's fp32 logits
+        s, ds = _transform(s_all[i:j].to(dt, copy=True), p.student_logit_scale, p.student_softcap)
+        tiles = [s]
+        del s
+        if p.kd_weight != 0.0:
+            tiles.append(
+                _transform(t_all[i:j, :v].to(dt, copy=True), p.teacher_logit_scale, p.teacher_softcap)[0]
+            )
         lab = labels[i:j] if labels is not None else None
-        ce, d, g = _chunk_terms(s, t, lab, p, need_grad)
+        ce, d, g = _chunk_terms(tiles, lab, p, need_grad)
         vm = valid[i:j]
         ce_rows[i:j] = torch.where(vm, ce, 0.0)
         d_rows[i:j] = torch.where(vm, d, 0.0)
@@ -411,14 +547,18 @@ def _kd(s_all, t_all, labels, domain_ids, divisor, p: KDParams, chunk: int, need
     return _finish(ce_rows, d_rows, valid, domain_ids, p, inv_div) + (grad,)
 
 
+def _kd_body(s, t, labels, domain_ids, divisor, ints, floats, chunk, need_grad):
+    with torch.autocast(s.device.type, enabled=False):
+        return _kd(s, t, labels, domain_ids, divisor, KDParams.from_op(ints, floats), chunk, need_grad)
+
+
 @torch.library.custom_op("ddk_fast::kd_torch", mutates_args=())
 def kd_torch_op(
     s: Tensor, t: Tensor, labels: Tensor | None, domain_ids: Tensor | None, divisor: Tensor | None,
     ints: list[int], floats: list[float], chunk: int, need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(loss, ce, kd, domain sums x3, grad of loss w.r.t. s in s's dtype or ``[0]``)."""
-    with torch.autocast(s.device.type, enabled=False):
-        return _kd(s, t, labels, domain_ids, divisor, KDParams.from_op(ints, floats), chunk, need_grad)
+    return _kd_body(s, t, labels, domain_ids, divisor, ints, floats, chunk, need_grad)
 
 
 @kd_torch_op.register_fake
@@ -434,11 +574,14 @@ def _kd_backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():
         raise RuntimeError(NO_HIGHER_ORDER)
     (grad,) = ctx.saved_tensors
-    gs = grad * grad_loss.to(grad.dtype) if ctx.needs_input_grad[0] and grad.numel() else None
+    gs = _scaled(grad, grad_loss, grad.dtype) if ctx.needs_input_grad[0] and grad.numel() else None
     return (gs,) + (None,) * 8
 
 
 kd_torch_op.register_autograd(_kd_backward, setup_context=_kd_setup)
+
+
+_KDFunction = _eager_twin("_KDFunction", _kd_body, _kd_setup, _kd_backward)
 
 
 def kd_loss_reference(
@@ -467,10 +610,17 @@ def kd_loss_reference(
     )
     check_logits(student_logits, teacher_logits)
     check_tokens(student_logits.shape[0], labels, domain_ids, p.num_domains, student_logits.device)
-    chunk = _check_chunk(chunk_size)
-    need = torch.is_grad_enabled() and student_logits.requires_grad
-    res = kd_torch_op(
-        student_logits, teacher_logits.detach(), labels, domain_ids, divisor, p.op_ints(), p.op_floats(),
-        chunk, need,
+    return kd_torch(
+        student_logits, teacher_logits, labels, domain_ids, p, divisor=divisor, chunk=check_chunk(chunk_size)
+    )
+
+
+def kd_torch(s, t, labels, domain_ids, p: KDParams, *, divisor=None, chunk: int = 0) -> KDOutput:
+    """The torch path of ``kd_loss`` on checked inputs (see :func:`linear_kd_torch`)."""
+    args = (
+        s, t.detach(), labels, domain_ids, divisor, p.op_ints(), p.op_floats(), chunk,
+        torch.is_grad_enabled() and s.requires_grad,
     )  # fmt: skip
-    return _out_from(res)
+    if torch.compiler.is_compiling():
+        return _out_from(kd_torch_op(*args))
+    return _out_from(_KDFunction.apply(*args))
