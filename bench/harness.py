@@ -91,9 +91,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def env_info(device: torch.device | str = "cpu") -> dict:
-    """Device, library versions, git SHA (``-dirty`` when the tree has changes), UTC date, host."""
+    """Device, library versions, git SHA (``-dirty`` when tracked files outside bench/results/ changed), UTC date, host."""
     sha = _git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # results files a run appends to do not make its own later rows "dirty"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
     return {
         "device": device_name(device),
         "torch": torch.__version__,
