@@ -91,7 +91,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def env_info(device: torch.device | str = "cpu") -> dict:
-    """Device, library versions, git SHA (``-dirty`` when tracked files outside bench/results/ changed), UTC date, host."""
+    """Device, library versions, git SHA (``-dirty``: tracked files outside bench/results/ changed), UTC date,
+    host."""
     sha = _git("rev-parse", "--short=12", "HEAD")
     # results files a run appends to do not make its own later rows "dirty"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
