@@ -1,6 +1,28 @@
 """KD loss, fwd+bwd: eager torch vs chunked torch vs torch.compile vs our Triton variants vs Liger, one run.
 
-Providers (side by side in one run; the names are the ``impl`` column of the GPU rows):
+CPU (one subprocess per variant, so each has its own memory; the names are the ``impl`` column of the CPU
+rows; fp32, forward + backward, only the hidden states require grad, heads frozen as in a LoRA/QLoRA head):
+- ``naive_eager``: ``fused_linear_kd_loss_naive`` (materialised logits + autograd), CE + forward KL;
+- ``naive_compile``: ``torch.compile`` (default mode) of the same function; compile time recorded apart;
+- ``chunked_torch``: ``ddk_fast.fused_linear_kd_loss(..., backend="torch")``, CE + forward KL;
+- ``chunked_torch_ce_only``: the same with ``kd_weight=0`` (CE only);
+- ``torch_linear_ce``: ``torch.nn.functional.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``
+  defaults (core PyTorch's chunked path), CE only;
+- ``naive_ce``: ``F.linear`` + ``F.cross_entropy`` (materialised logits), CE only.
+A child builds its inputs, calls the step once (imports, allocator, compile), clears the gradients, runs
+``gc.collect()``, reads VmRSS, resets the peak (``5 > /proc/self/clear_refs``), runs ``CPU_CALLS`` timed
+calls and reads VmHWM: ``peak_extra_mb`` = (VmHWM - VmRSS before) / 2^20, ``ms`` = median of the timed
+calls. glibc returns every block >= 64 KiB to the kernel on free (the harness's child environment), so RSS
+follows the live tensors. ``chunked_torch_import`` rows: wall time and RSS growth of ``import torch``, of
+``import ddk_fast`` after it, and of the first loss call (fwd + bwd) against the second.
+``test_chunked_peak_memory_guard`` (in the CI smoke run) fails when the chunked path's peak extra memory
+passes ``GUARD_FACTOR`` x its documented bound (:func:`documented_bound_bytes`).
+
+    python -m bench.bench_kd_loss --run                          # CPU rows -> bench/results/kd_loss.*
+    python -m bench.bench_kd_loss --run --shape n2048-h512-v32000 --variant chunked_torch naive_ce
+    python -m bench.bench_kd_loss --child --variant chunked_torch --shape n512-h256-v32000 --chunk 128
+
+GPU providers (pytest-benchmark, side by side in one run; the names are the ``impl`` column of the GPU rows):
 - ``torch_eager``: materialised fp32 logits for all N tokens + autograd (``fused_linear_kd_loss_naive``, what
   TRL / torchtune do);
 - ``torch_chunked``: ``fused_linear_kd_loss_reference`` (token chunks, gradient-in-forward);
@@ -22,27 +44,44 @@ FLOP counts: ``flop_count`` = 2 N V_s (H_s + H_t) + 4 N V_s H_s (both logit matm
 trainable head of the pytest rows); ``flop_floor`` = 2 N V_s (2 H_s + H_t) (both logit matmuls and dH: the
 frozen head of the GPU matrix, the issue's floor; recomputation not counted).
 
-    pytest bench/bench_kd_loss.py --benchmark-disable -q         # smoke (CI): every CPU provider runs once
-    pytest bench/bench_kd_loss.py --benchmark-only -q            # real run, writes bench/results/kd_loss.*
+    pytest bench/bench_kd_loss.py --benchmark-disable -q         # smoke (CI): CPU variants once + the guard
+    pytest bench/bench_kd_loss.py --benchmark-only -q -m gpu     # GPU run, writes bench/results/kd_loss.*
     python -m bench.gpu.kd_loss_matrix --out DIR                 # the GPU matrix -> DIR/gpu_kd_loss.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import gc
+import json
 import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bench.harness import matmul_tflops, peak_memory, record, tflops, time_fn
+from bench.harness import (
+    REPO,
+    child_env,
+    env_info,
+    matmul_tflops,
+    peak_memory,
+    record,
+    status_kib,
+    tflops,
+    time_fn,
+)
+from ddk_fast import fused_linear_kd_loss
+from ddk_fast.ops import reference as kd_reference
 from ddk_fast.ops.naive import fused_linear_kd_loss_naive
 from ddk_fast.ops.reference import fused_linear_kd_loss_reference
 
-CPU_SHAPES = {  # name: (N, H_s, H_t, V_s, V_t)
-    "cpu-n2048-v32000-h512": (2048, 512, 512, 32000, 32000),
-    "cpu-n512-v1271-h256": (512, 256, 384, 1271, 1280),
-}
 GPU_SHAPES = {  # the issue's shapes; the GPU matrix (bench/gpu/kd_loss_matrix.py) orders and budgets them
     "llama3.2-1b<-3.1-8b-n8192": (8192, 2048, 4096, 128256, 128256),
     "llama3.2-1b<-3.1-8b-n1024": (1024, 2048, 4096, 128256, 128256),
@@ -63,7 +102,6 @@ DDK_PROVIDER_ENV = {  # provider -> the environment the kernels run under
     "ddk_fast_rowblock": {VARIANT_ENV: "rowblock"},
 }
 DDK_PROVIDERS = tuple(DDK_PROVIDER_ENV)
-CPU_PROVIDERS = ("torch_eager", "torch_chunked", "torch_compile")
 GPU_PROVIDERS = ("torch_eager", "torch_compile", "liger", *DDK_PROVIDERS)
 DIVERGENCE = "jsd"  # the divergence every provider (Liger included) implements
 LIGER_BETA = {"forward_kl": 0.0, "jsd": 0.5, "reverse_kl": 1.0}  # the divergences Liger's fused JSD covers
@@ -155,7 +193,7 @@ def loss_fn(provider: str, vs: int, divergence: str, device, beta: float = 0.5, 
             raise ValueError(f"liger: expected a divergence in {tuple(LIGER_BETA)}, got {divergence!r}")
         b = LIGER_BETA[divergence] if divergence != "jsd" else beta
         return liger_jsd(vs, beta=b, temperature=temperature, device=str(device))
-    raise ValueError(f"provider: expected one of {CPU_PROVIDERS + GPU_PROVIDERS}, got {provider!r}")
+    raise ValueError(f"provider: expected one of {GPU_PROVIDERS} or 'torch_chunked', got {provider!r}")
 
 
 class _ChunkedGradInForward(torch.autograd.Function):
@@ -249,15 +287,6 @@ def _bench(benchmark, provider, shape_name, shape, dtype, device, rounds):
     return row
 
 
-@pytest.mark.parametrize("provider", CPU_PROVIDERS)
-@pytest.mark.parametrize("shape_name", list(CPU_SHAPES))
-def test_kd_loss_cpu(benchmark, provider, shape_name):
-    if torch.cuda.is_available():
-        pytest.skip("CPU shapes run on CPU-only machines")
-    benchmark.group = f"kd_loss {shape_name}"
-    _bench(benchmark, provider, shape_name, CPU_SHAPES[shape_name], "float32", torch.device("cpu"), rounds=3)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 @pytest.mark.parametrize("provider", GPU_PROVIDERS)
@@ -295,3 +324,267 @@ def test_liger_matches_reference():
     torch.testing.assert_close(got.float(), ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+CPU_SHAPES = {  # name: (N, H_s, H_t, V_s, V_t); the issue's CPU shapes, then the guard's
+    "n2048-h512-v32000": (2048, 512, 512, 32000, 32000),
+    "n2048-h512-v151936": (2048, 512, 512, 151936, 151936),
+    "n512-h256-v32000": (512, 256, 256, 32000, 32000),
+    "n64-h32-v1271": (64, 32, 48, 1271, 1280),  # the smoke test's: a vocab that is no multiple of a block
+}
+CPU_RUN_SHAPES = ("n2048-h512-v32000", "n2048-h512-v151936")  # what `--run` measures by default
+CPU_VARIANTS = ("naive_eager", "naive_compile", "chunked_torch", "chunked_torch_ce_only", "torch_linear_ce",
+                "naive_ce")  # fmt: skip
+CPU_CE_ONLY = ("chunked_torch_ce_only", "torch_linear_ce", "naive_ce")
+CPU_CALLS = 3  # timed calls after the warm-up (the median is reported)
+GUARD_SHAPE = "n512-h256-v32000"
+GUARD_CHUNK = 128  # 512 rows -> 4 chunks: the loop, not one tile, is measured
+GUARD_FACTOR = 1.5
+CHILD_TIMEOUT_S = 3600.0
+# "mmap": glibc returns every freed block >= 64 KiB (RSS = live tensors; the guard's and the default rows');
+# "glibc": glibc's defaults (freed tiles may stay in the heap: what a user's process shows)
+MALLOC_MODES = ("mmap", "glibc")
+_CPU_COMPILED = {}
+
+
+def documented_bound_bytes(n: int, v: int, h: int, chunk: int | None = None) -> int:
+    """The chunked CPU path's documented peak extra memory (``fused_linear_kd_loss_reference``'s docstring:
+    ~ 6 x chunk_size x V_s x 4 bytes) plus the gradient it returns (``grad_h``, N x H_s x 4 bytes).
+    ``ddk_fast.ops.reference.peak_extra_bytes(n, v, h, chunk)`` is used when the library exposes it."""
+    chunk = chunk or kd_reference.auto_chunk_size(n, v)
+    if hasattr(kd_reference, "peak_extra_bytes"):
+        return int(kd_reference.peak_extra_bytes(n, v, h, chunk))
+    return 6 * chunk * v * 4 + n * h * 4
+
+
+def _naive_kd(h_s, w_s, h_t, w_t, labels):
+    return fused_linear_kd_loss_naive(h_s, w_s, h_t, w_t, labels, divergence="forward_kl").loss
+
+
+def cpu_loss_fn(variant: str, chunk: int | None = None):
+    """``fn(h_s, w_s, h_t, w_t, labels) -> scalar loss`` of a CPU variant (module docstring)."""
+    if variant == "naive_eager":
+        return _naive_kd
+    if variant == "naive_compile":
+        if "naive" not in _CPU_COMPILED:
+            _CPU_COMPILED["naive"] = torch.compile(_naive_kd)
+        return _CPU_COMPILED["naive"]
+    if variant in ("chunked_torch", "chunked_torch_ce_only"):
+        kd_weight = 0.0 if variant == "chunked_torch_ce_only" else 1.0
+        return lambda h_s, w_s, h_t, w_t, labels: fused_linear_kd_loss(
+            h_s, w_s, h_t, w_t, labels, divergence="forward_kl", kd_weight=kd_weight, backend="torch",
+            chunk_size=chunk,
+        ).loss  # fmt: skip
+    if variant == "torch_linear_ce":
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h_s, w_s, h_t, w_t, labels: F.linear_cross_entropy(h_s, w_s, labels, options=options)
+    if variant == "naive_ce":
+        return lambda h_s, w_s, h_t, w_t, labels: F.cross_entropy(F.linear(h_s, w_s), labels)
+    raise ValueError(f"variant: expected one of {CPU_VARIANTS}, got {variant!r}")
+
+
+def make_cpu_step(variant: str, shape: str, chunk: int | None = None, seed: int = 0):
+    """Inputs of ``CPU_SHAPES[shape]`` (fp32, heads frozen) and a closure doing one fwd + bwd step."""
+    n, hs, ht, vs, vt = CPU_SHAPES[shape]
+    h_s, w_s, h_t, w_t, labels = make_inputs(n, hs, ht, vs, vt, "float32", "cpu", seed, trainable_head=False)
+    fn = cpu_loss_fn(variant, chunk)
+
+    def step():
+        h_s.grad = None
+        loss = fn(h_s, w_s, h_t, w_t, labels)
+        loss.backward()
+        return loss.detach()
+
+    step.tensors = (h_s, w_s, h_t, w_t, labels)
+    return step
+
+
+def cpu_child(variant: str, shape: str, calls: int = CPU_CALLS, chunk: int | None = None) -> dict:
+    """Runs in the child process (``--child``): warm-up, then the timed calls under a reset VmHWM."""
+    step = make_cpu_step(variant, shape, chunk)
+    t0 = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t0
+    step.tensors[0].grad = None  # the base must not hold a gradient the next call frees
+    gc.collect()
+    base = status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
+    if status_kib("VmHWM") > base + 1024:
+        raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM: cannot measure peak RSS")
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = status_kib("VmHWM")
+    return {
+        "times_ms": times, "first_call_s": first_s, "base_rss_mb": base / 1024,
+        "peak_extra_bytes": max(0, peak - base) * 1024, "loss": float(loss),
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def run_cpu_child(variant: str, shape: str, calls: int = CPU_CALLS, chunk: int | None = None,
+                  malloc: str = "mmap") -> dict:  # fmt: skip
+    """:func:`cpu_child` in a fresh process (``harness.child_env``; ``malloc`` in ``MALLOC_MODES``)."""
+    args = ["--child", "--variant", variant, "--shape", shape, "--calls", str(calls)]
+    args += ["--chunk", str(chunk)] if chunk else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_kd_loss", *args], cwd=REPO, env=child_env(malloc == "mmap"),
+        capture_output=True,
+        text=True, timeout=CHILD_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"kd_loss child {variant} {shape} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# `import ddk_fast` and the first loss call, measured in a bare interpreter (nothing of bench/ imported: the
+# bench module itself imports ddk_fast). argv: n h v.
+_IMPORT_CHILD = r"""
+import json, sys, time
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+def mark():
+    return time.perf_counter(), kib("VmRSS"), len(sys.modules)
+n, h, v = map(int, sys.argv[1:4])
+m0 = mark()
+import torch
+m1 = mark()
+import ddk_fast
+m2 = mark()
+g = torch.Generator().manual_seed(0)
+h_s = (torch.randn(n, h, generator=g) / h**0.25).requires_grad_()
+w_s, w_t = torch.randn(v, h, generator=g) / h**0.5, torch.randn(v, h, generator=g) / h**0.5
+h_t = torch.randn(n, h, generator=g) / h**0.25
+labels = torch.randint(0, v, (n,), generator=g)
+def call():
+    h_s.grad = None
+    ddk_fast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, backend="torch").loss.backward()
+m3 = mark()
+call()
+m4 = mark()
+call()
+m5 = mark()
+d = lambda a, b: {"s": b[0] - a[0], "rss_mb": (b[1] - a[1]) / 1024, "modules": b[2] - a[2]}
+print(json.dumps({"import_torch": d(m0, m1), "import_ddk_fast": d(m1, m2), "first_call": d(m3, m4),
+                  "second_call": d(m4, m5)}))
+"""
+
+
+def run_import_child(shape: str) -> dict:
+    n, hs, _, vs, _ = CPU_SHAPES[shape]
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_CHILD, str(n), str(hs), str(vs)], cwd=REPO, env=child_env(),
+        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"import-cost child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _shape_cols(shape: str) -> dict:
+    n, hs, ht, vs, vt = CPU_SHAPES[shape]
+    return {"shape": shape, "N": n, "H_s": hs, "H_t": ht, "V_s": vs, "V_t": vt, "dtype": "float32"}
+
+
+def _stamp(row: dict) -> dict:
+    env = env_info("cpu")
+    return {**row, "machine": env["device"], "commit": env["git_sha"]}
+
+
+def run_cpu(
+    shapes=CPU_RUN_SHAPES, variants=CPU_VARIANTS, calls: int = CPU_CALLS, malloc="mmap"
+) -> list[dict]:
+    """Every variant at every shape, one child each, rows appended to bench/results/kd_loss.{jsonl,csv}."""
+    rows = []
+    for shape in shapes:
+        if "chunked_torch" in variants and malloc == "mmap":
+            load = _loadavg()
+            cost = run_import_child(shape)
+            row = {"bench": "kd_loss_cpu_import", "impl": "chunked_torch_import", **_shape_cols(shape),
+                   "load_before": load, "load_after": _loadavg()}  # fmt: skip
+            for part, vals in cost.items():
+                row.update({f"{part}_{k}": v for k, v in vals.items()})
+            rows.append(record("kd_loss", _stamp(row), force=True))
+            print(json.dumps(row), flush=True)
+        for variant in variants:
+            load = _loadavg()
+            res = run_cpu_child(variant, shape, calls, malloc=malloc)
+            ms = statistics.median(res["times_ms"])
+            n, hs, _, vs, _ = CPU_SHAPES[shape]
+            row = {
+                "bench": "kd_loss_cpu", "impl": variant, **_shape_cols(shape), "ms": ms,
+                "peak_extra_mb": res["peak_extra_bytes"] / 2**20,
+                "compile_s": res["first_call_s"] - ms / 1e3 if variant == "naive_compile" else None,
+                "first_call_s": res["first_call_s"], "times_ms": res["times_ms"], "rounds": calls,
+                "loss": res["loss"], "base_rss_mb": res["base_rss_mb"], "ce_only": variant in CPU_CE_ONLY,
+                "documented_bound_mb": documented_bound_bytes(n, vs, hs) / 2**20
+                if variant.startswith("chunked_torch") else None,
+                "load_before": load, "load_after": _loadavg(), "malloc": malloc,
+            }  # fmt: skip
+            rows.append(record("kd_loss", _stamp(row), force=True))
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--run", action="store_true", help="measure every variant, one child each; record rows")
+    mode.add_argument("--child", action="store_true", help="(internal) measure one variant, print JSON")
+    ap.add_argument("--variant", nargs="+", choices=CPU_VARIANTS, default=list(CPU_VARIANTS))
+    ap.add_argument("--shape", nargs="+", choices=list(CPU_SHAPES), default=list(CPU_RUN_SHAPES))
+    ap.add_argument("--calls", type=int, default=CPU_CALLS)
+    ap.add_argument("--malloc", choices=MALLOC_MODES, default="mmap", help="see MALLOC_MODES")
+    ap.add_argument("--chunk", type=int, default=None, help="chunk_size of the chunked variants (child only)")
+    a = ap.parse_args(argv)
+    if a.child:
+        if len(a.variant) != 1 or len(a.shape) != 1:
+            raise SystemExit("--child: expected exactly one --variant and one --shape")
+        print(json.dumps(cpu_child(a.variant[0], a.shape[0], a.calls, a.chunk)))
+    else:
+        run_cpu(a.shape, a.variant, a.calls, a.malloc)
+
+
+def test_cpu_variants_agree():
+    """Smoke (CI): every CPU variant runs once at a tiny shape; KD variants agree with each other and
+    CE-only variants with each other, loss and grad_h."""
+    out = {}
+    for variant in CPU_VARIANTS:
+        step = make_cpu_step(variant, "n64-h32-v1271", chunk=16)
+        loss = step()
+        out[variant] = (loss, step.tensors[0].grad.clone())
+        assert step.tensors[1].grad is None, f"{variant}: the frozen head got a gradient"
+    for group in (("naive_eager", "naive_compile", "chunked_torch"), CPU_CE_ONLY):
+        for v in group[1:]:
+            torch.testing.assert_close(out[v][0], out[group[0]][0], rtol=1e-5, atol=1e-6, msg=f"{v} loss")
+            torch.testing.assert_close(out[v][1], out[group[0]][1], rtol=1e-4, atol=1e-6, msg=f"{v} grad_h")
+
+
+def test_chunked_peak_memory_guard():
+    """The chunked path's peak extra memory (one child, >= 4 chunks) stays within GUARD_FACTOR x its
+    documented bound. Memory is reproducible; time is not, so nothing here asserts a time."""
+    n, hs, _, vs, _ = CPU_SHAPES[GUARD_SHAPE]
+    assert -(-n // GUARD_CHUNK) >= 4
+    res = run_cpu_child("chunked_torch", GUARD_SHAPE, calls=1, chunk=GUARD_CHUNK)
+    bound = documented_bound_bytes(n, vs, hs, GUARD_CHUNK)
+    measured = res["peak_extra_bytes"]
+    assert measured <= GUARD_FACTOR * bound, (
+        f"chunked_torch at {GUARD_SHAPE}, chunk_size {GUARD_CHUNK}: peak extra memory measured "
+        f"{measured / 2**20:.1f} MB > {GUARD_FACTOR} x the documented bound {bound / 2**20:.1f} MB "
+        f"(= {GUARD_FACTOR * bound / 2**20:.1f} MB; bound: bench.bench_kd_loss.documented_bound_bytes)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ What it gives a benchmark file (stable API)::
   the current RSS, calls it again and reads ``VmHWM``: peak extra = VmHWM - RSS before. glibc is told to
   ``mmap`` every allocation >= 64 KiB and return it on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the
   live tensors instead of the allocator's cache. Costs one ``import torch`` (~2 s) per measurement.
+* ``child_env()``: that child's environment; ``status_kib("VmRSS")``: a ``/proc/self/status`` field, KiB.
 * ``matmul_tflops(device, dtype)``: the dense matmul rate measured now, on this device (the roofline that
   ``achieved TFLOP/s`` rows are compared against). Cached per process.
 * ``record(name, row)``: stamps ``env_info()`` (device, torch/triton/transformers versions, git SHA + dirty,
@@ -90,9 +91,11 @@ def device_name(device: torch.device | str) -> str:
 
 
 def env_info(device: torch.device | str = "cpu") -> dict:
-    """Device, library versions, git SHA (``-dirty`` when the tree has changes), UTC date, host."""
+    """Device, library versions, git SHA (``-dirty``: tracked files outside bench/results/ changed), UTC date,
+    host."""
     sha = _git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # results files a run appends to do not make its own later rows "dirty"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"))
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -198,16 +201,28 @@ def peak_memory(fn: Callable[[], object], device="cpu", factory: str | None = No
 _CHILD = "from bench.harness import _child_main; _child_main()"
 
 
+def child_env(return_freed: bool = True) -> dict:
+    """The environment of a memory-measuring child: this one, the repo on ``PYTHONPATH``, and
+    (``return_freed``) glibc told to ``mmap`` every block >= 64 KiB and give it back on free, so RSS
+    follows the live tensors; without it, glibc's defaults (freed blocks may stay in the heap: the RSS a
+    user's process shows)."""
+    env = dict(os.environ)
+    if return_freed:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+        env["MALLOC_TRIM_THRESHOLD_"] = str(64 * 1024)
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
 def peak_memory_subprocess(factory: str, kwargs: dict, timeout: float = 600.0) -> int:
     """Peak extra RSS (bytes) of one call of ``factory(**kwargs)()`` in a fresh process (module docstring)."""
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    env["MALLOC_TRIM_THRESHOLD_"] = str(64 * 1024)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, factory, json.dumps(kwargs)],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -218,7 +233,8 @@ def peak_memory_subprocess(factory: str, kwargs: dict, timeout: float = 600.0) -
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (``VmRSS``, ``VmHWM``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -232,9 +248,9 @@ def _child_main() -> None:
     fn()  # warm-up (lazy init, torch.compile)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"peak_extra_bytes": max(0, peak - base) * 1024, "base_rss_bytes": base * 1024}))
 
 
