@@ -9,7 +9,7 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 
-from ..config import DDKConfig, build_config
+from ..config import build_config
 from ..errors import ConfigError
 
 
@@ -30,7 +30,12 @@ class Arm:
     default: bool = True
 
 
-_DDK = {"mixing": "ddk", "factor": DDKConfig().factor, "smoothing": True}
+# The `ddk` arm: the excess-loss factor with the setting the val pilot chose (`python -m
+# ddk_fast.compare.pilot`, bench/results/compare/pilot/large-gap/, docs/ddk_factors.md): τ = 0.5, α = 0.8.
+# The library's DDKConfig keeps α = 0.5, the paper's, because α is shared with factor = "paper".
+PILOT_CHOICE = {"factor": "excess_loss", "factor_temperature": 0.5, "alpha": 0.8}
+_DDK = {"mixing": "ddk", "smoothing": True, **PILOT_CHOICE}
+_PAPER = {"mixing": "ddk", "smoothing": True, "factor": "paper", "alpha": 0.5}
 _UNIFORM = {"ddk": {"mixing": "uniform"}}
 _FIXED = {"ddk": {"mixing": "static"}}
 _AKD_ALL = ("hidden", "curriculum", "teacher_prompt")
@@ -42,13 +47,11 @@ GAP_TOP1_SHARE = (
 GAP_TOP2_SHARE = 0.3  # gap_top2: the two domains with the largest step-0 val gaps get this each
 
 ARM_TABLE: dict[str, Arm] = {
-    "ddk": Arm(
-        "DDK with the library's default factor (`[ddk] factor` as DDKConfig defines it)", {"ddk": _DDK}
-    ),
-    "ddk_paper": Arm("DDK with the exact Eq. 1 / Eq. 2", {"ddk": {**_DDK, "factor": "paper"}}),
+    "ddk": Arm("DDK, excess-loss factor with the val pilot's setting (τ = 0.5, α = 0.8)", {"ddk": _DDK}),
+    "ddk_paper": Arm("DDK with the exact Eq. 1 / Eq. 2 (α = 0.5)", {"ddk": _PAPER}),
     "ddk_nosmooth": Arm(
         "Eq. 1 recomputed every interval, no smoothing (the paper's ablation)",
-        {"ddk": {**_DDK, "factor": "paper", "smoothing": False}},
+        {"ddk": {**_PAPER, "smoothing": False}},
     ),
     "uniform": Arm("KD, equal domain weights", _UNIFORM),
     "static": Arm("KD, weights proportional to training tokens (a concatenated dataset)", _FIXED, "size"),
@@ -87,7 +90,7 @@ ARM_TABLE: dict[str, Arm] = {
     ),
     "akd": Arm("all three AKD parts, equal weights", _UNIFORM, akd=_AKD_ALL, default=False),
     "akd_ddk": Arm(
-        "all three AKD parts with DDK (default factor)", {"ddk": _DDK}, akd=_AKD_ALL, default=False
+        "all three AKD parts with DDK (as the ddk arm)", {"ddk": _DDK}, akd=_AKD_ALL, default=False
     ),
 }
 ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.default)

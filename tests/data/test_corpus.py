@@ -138,7 +138,8 @@ def test_held_out_files_give_val_and_test_and_every_file_document_trains(tmp_pat
     )
     assert not again.reused and docs(again.test) == enc(13, 30)[: again.test.num_docs]
     # too little held-out text, or only one of the two keys: errors that name the key
-    with pytest.raises(ConfigError, match=r"\[data.domains\[0\]\] test_files: expected enough text for a test split"):
+    too_little = r"\[data.domains\[0\]\] test_files: expected enough text for a test split"
+    with pytest.raises(ConfigError, match=too_little):
         prepare_domains([dom], tokenizer, tmp_path / "c3", seq_len=16, val_sequences=2, test_sequences=400)
     half = Dom("web", [str(paths["train"])], val_files=[str(paths["val"])])
     with pytest.raises(ConfigError, match=r"\[data.domains\[0\]\] test_files"):
