@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-cached compare compare-akd compare-quick akd onpolicy test bench lint ext clean
+.PHONY: setup demo demo-cached compare compare-pilot compare-akd compare-quick akd onpolicy test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -50,11 +50,17 @@ onpolicy: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.train --config examples/onpolicy.toml --overwrite
 
-# "Does DDK help?": six arms x three seeds in two settings (README; ~25-40 min each on 2 CPU cores).
+# "Does DDK help?": eight arms (best_fixed trains a grid of five fixed mixes) x five seeds in three settings
+# (README; each setting one thread, OMP_NUM_THREADS=1). compare-pilot chose the DDK setting on val.
 compare: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --out bench/results/compare/paper-like --work runs/compare-paper-like
 	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --out bench/results/compare/large-gap --work runs/compare-large-gap
+	$(BIN)/python -m ddk_fast.compare --config examples/compare_hard_large.toml --out bench/results/compare/hard-large --work runs/compare-hard-large
+
+compare-pilot: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	$(BIN)/python -m ddk_fast.compare.pilot --config examples/compare_large_gap.toml --seeds 100,101 --out bench/results/compare/pilot/large-gap
 
 # AKD's parts (hidden states, POCL curriculum, teacher prompts) alone and together, with and without DDK,
 # against the uniform and ddk runs of `make compare` (reused when finished).

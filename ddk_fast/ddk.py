@@ -19,9 +19,14 @@ __all__ = [
     "excess_loss_discrepancy",
     "smooth_excess_loss_weights",
     "DomainMixer",
+    "floor_weights",
 ]
 
-COLLAPSE_WEIGHT = 0.9  # a weight above this is reported as a collapse of the factor onto one domain
+# The factor (before the (1 − α)/N floor, the cap and min_weight) giving one domain more than this share is
+# reported as a collapse onto that domain. Measured on the factor, not on the final weights: at α = 0.5 the
+# floor caps any final weight at α + (1 − α)/N (0.6 with five domains), so a check on the weights never fires.
+COLLAPSE_WEIGHT = 0.9
+DEFAULT_MIN_WEIGHT = 1e-3  # excess_loss: every domain keeps at least this weight (DoReMi mixes 1e-3 uniform)
 
 
 def _as_losses(name: str, x) -> torch.Tensor:
@@ -77,14 +82,32 @@ def smooth_domain_weights(previous, student_losses, teacher_losses, alpha: float
 
 def _smooth(previous, log_factor: torch.Tensor, alpha: float) -> torch.Tensor:
     """r_{t+1} = α · norm(r_t · exp(log_factor)) + (1 − α)/N, in log space."""
+    return alpha * _smooth_factor(previous, log_factor) + (1.0 - alpha) / log_factor.numel()
+
+
+def _smooth_factor(previous, log_factor: torch.Tensor) -> torch.Tensor:
+    """ψ / Σψ with ψ = r_t · exp(log_factor): the factor of a smooth update before the uniform floor."""
     prev = torch.as_tensor(previous, dtype=torch.float64).detach().flatten()
     if prev.shape != log_factor.shape:
         raise ValueError(f"previous: expected {log_factor.numel()} domain weights, got {prev.numel()}")
     if not (torch.isfinite(prev).all() and (prev >= 0).all() and prev.sum() > 0):
         raise ValueError(f"previous: expected non-negative weights with a positive sum, got {prev.tolist()}")
     log_psi = torch.log(prev / prev.sum()) + log_factor
-    psi = torch.exp(log_psi - torch.logsumexp(log_psi, dim=0))
-    return alpha * psi + (1.0 - alpha) / log_factor.numel()
+    return torch.exp(log_psi - torch.logsumexp(log_psi, dim=0))
+
+
+def floor_weights(weights: torch.Tensor, min_weight: float) -> torch.Tensor:
+    """``(1 − N·m) · w + m``: every weight at least ``m``, still summing to 1 (a mixture with a uniform of
+    total mass N·m, as DoReMi mixes 1e-3). ``m`` must be below 1/N."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    n = w.numel()
+    if min_weight <= 0:
+        return w
+    if min_weight * n >= 1.0:
+        raise ValueError(
+            f"min_weight: expected less than 1/N = {1.0 / n:.4f} for {n} domains, got {min_weight}"
+        )
+    return (1.0 - n * min_weight) * w + min_weight
 
 
 def _check_alpha_tau(alpha: float, temperature: float) -> None:
@@ -156,9 +179,11 @@ class DomainMixer:
     validation losses; it returns the weights for the next K steps and records them in ``history``.
 
     DDK factors: ``"paper"`` is Eq. 1 / Eq. 2 exactly (softmax of perplexity ratios exp(CE_S − CE_T));
-    ``"excess_loss"`` uses the gap CE_S − CE_T over a temperature, with the uniform floor from r_0 on.
-    ``max_weight`` < 1 caps any one domain's weight (either factor). ``collapsed`` is True when the last
-    update gave one domain more than ``COLLAPSE_WEIGHT``.
+    ``"excess_loss"`` uses the gap CE_S − CE_T over a temperature, with the uniform floor from r_0 on, and
+    keeps every domain at ``min_weight`` or more (:func:`floor_weights`; the paper factor stays exact, no
+    floor), so that at α = 1 no domain is pushed to ~1e-280 and left there. ``max_weight`` < 1 caps any one
+    domain's weight (either factor). ``collapsed`` is True when the last update's factor, before the floor
+    and the cap, gave one domain more than ``COLLAPSE_WEIGHT`` (``history[k]["factor"]``).
     """
 
     num_domains: int
@@ -171,6 +196,8 @@ class DomainMixer:
     max_weight: float = 1.0
     weights: list[float] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    min_weight: float = DEFAULT_MIN_WEIGHT
+    factor_share: list[float] = field(default_factory=list)  # the last update's factor before any floor
 
     def initial(self) -> list[float]:
         if self.mode == "static":
@@ -178,24 +205,37 @@ class DomainMixer:
             return (w / w.sum()).tolist()
         return [1.0 / self.num_domains] * self.num_domains
 
-    def _factor(self, student_losses, teacher_losses) -> torch.Tensor:
+    def _factor(self, student_losses, teacher_losses) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, the factor before the floor): Eq. 1 / Eq. 2 or the excess-loss factor."""
         first = not self.weights or not self.smoothing
         if self.factor == "paper":
             if first:
-                return domain_discrepancy(student_losses, teacher_losses)  # r_0 (Eq. 1)
-            return smooth_domain_weights(self.weights, student_losses, teacher_losses, self.alpha)
-        if self.factor == "excess_loss":
-            tau = self.factor_temperature
+                r0 = domain_discrepancy(student_losses, teacher_losses)  # r_0 (Eq. 1): no floor
+                return r0, r0
+            log_factor = _ratio(student_losses, teacher_losses)
+        elif self.factor == "excess_loss":
+            _check_alpha_tau(self.alpha, self.factor_temperature)
+            log_factor = _gaps(student_losses, teacher_losses) / self.factor_temperature
             if first:
-                return excess_loss_discrepancy(student_losses, teacher_losses, self.alpha, tau)
-            return smooth_excess_loss_weights(self.weights, student_losses, teacher_losses, self.alpha, tau)
-        raise ValueError(f"factor: expected 'paper' or 'excess_loss', got {self.factor!r}")
+                psi = torch.softmax(log_factor, dim=0)
+                return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
+        else:
+            raise ValueError(f"factor: expected 'paper' or 'excess_loss', got {self.factor!r}")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha: expected a number in [0, 1], got {self.alpha}")
+        psi = _smooth_factor(self.weights, log_factor)
+        return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
 
     def update(self, step: int, student_losses, teacher_losses) -> list[float]:
         if self.mode != "ddk":
             new = self.initial()
+            self.factor_share = []
         else:
-            new = cap_weights(self._factor(student_losses, teacher_losses), self.max_weight).tolist()
+            w, psi = self._factor(student_losses, teacher_losses)
+            if self.factor == "excess_loss":
+                w = floor_weights(w, self.min_weight)
+            new = cap_weights(w, self.max_weight).tolist()
+            self.factor_share = psi.tolist()
         return self.record(step, new, student_losses, teacher_losses)
 
     def weight_bounds(self) -> list[float]:
@@ -207,7 +247,12 @@ class DomainMixer:
             return [1.0 / n] * n
         if self.mode == "static":
             return self.initial()
-        top = 1.0 if self.factor == "paper" else self.alpha + (1.0 - self.alpha) / n
+        if self.factor == "paper":
+            top = 1.0
+        else:
+            top = self.alpha + (1.0 - self.alpha) / n
+            if self.min_weight > 0:
+                top = (1.0 - n * self.min_weight) * top + self.min_weight
         return [min(top, max(self.max_weight, 1.0 / n))] * n
 
     def record(self, step: int, weights, student_losses, teacher_losses) -> list[float]:
@@ -216,19 +261,23 @@ class DomainMixer:
         here)."""
         new = list(weights)
         self.weights = new
-        self.history.append(
-            {
-                "step": step,
-                "weights": list(new),
-                "student_loss": [float(x) for x in student_losses],
-                "teacher_loss": [float(x) for x in teacher_losses],
-            }
-        )
+        entry = {
+            "step": step,
+            "weights": list(new),
+            "student_loss": [float(x) for x in student_losses],
+            "teacher_loss": [float(x) for x in teacher_losses],
+        }
+        if self.factor_share:
+            entry["factor"] = [float(x) for x in self.factor_share]
+        self.history.append(entry)
         return new
 
     @property
     def collapsed(self) -> bool:
-        return bool(self.weights) and len(self.weights) > 1 and max(self.weights) > COLLAPSE_WEIGHT
+        """The last update's factor (before the floor and the cap) gave one domain more than
+        ``COLLAPSE_WEIGHT``."""
+        share = self.factor_share or self.weights
+        return bool(share) and len(share) > 1 and max(share) > COLLAPSE_WEIGHT
 
     def state_dict(self) -> dict:
         return {"weights": list(self.weights), "history": list(self.history)}

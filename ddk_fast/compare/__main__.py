@@ -3,25 +3,16 @@
 
 Trains several *arms* from one shared student initialisation per seed, at an equal token budget, each arm a
 normal run of the library's own loop (:class:`~ddk_fast.training.trainer.Trainer`), and scores every
-student on the ``test`` split, which no arm ever steers on. Arms (a config override each):
-
-=================  ==========================================================================================
-``ddk``            DDK with the library's default factor (``[ddk] factor`` as ``DDKConfig`` defines it)
-``ddk_paper``      DDK with the exact Eq. 1 / Eq. 2 (``factor = "paper"``)
-``ddk_nosmooth``   Eq. 1 recomputed every interval, no smoothing (the paper's ablation)
-``uniform``        KD, equal domain weights
-``static``         KD, weights proportional to each domain's training tokens (a plain concatenated dataset)
-``ce``             no KD (``kd_weight = 0``), equal domain weights
-``akd_hidden``     AKD's hidden-state loss alone (``[compare.akd.hidden]``), equal domain weights
-``akd_curriculum`` progressive distillation alone (``[compare.akd.curriculum]``), equal domain weights
-``akd_prompts``    the searched teacher prompts alone (``[compare.akd.teacher_prompt]``), equal weights
-``akd``            all three, equal domain weights
-``akd_ddk``        all three with DDK (default factor)
-=================  ==========================================================================================
+student on the ``test`` split, which no arm ever steers on or is chosen on. The arms are the rows of
+``ARM_TABLE`` (``arms.py``): ``ddk``, ``ddk_paper``, ``ddk_nosmooth``, ``uniform``, ``static`` (∝ size),
+``temperature`` (∝ size^e), ``best_fixed`` (the best of a declared grid of fixed mixes, chosen on val), ``ce``
+(no KD), and the opt-in ``gap_top1``, ``gap_top2`` and ``akd*`` arms. ``stats.py`` pairs every treatment with
+every baseline by seed, with 95 % paired-t intervals; the same table is printed and written.
 
 The config file is a normal ``run.toml`` plus a ``[compare]`` table (``name``, ``arms``, ``seeds``,
-``quick_steps``, and ``akd``: the AKD sections the ``akd*`` arms add). Outputs in ``--out``:
-``results.json`` (schema in :func:`summarise`), ``report.md`` and two plots (small files, to commit).
+``quick_steps``, ``temperature_exponent``, and ``akd``: the AKD sections the ``akd*`` arms add). Outputs
+in ``--out``: ``results.json`` (schema in :func:`summarise`), ``report.md`` and two plots (small files, to
+commit).
 The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
 ``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the same
 settings hash) is reused, so an interrupted comparison continues where it stopped.
@@ -37,7 +28,7 @@ from pathlib import Path
 
 from ..config import apply_overrides, build_config, tomllib
 from ..errors import ConfigError
-from .arms import AKD_ARMS, ARMS, arm_overrides, quick_overrides, split_compare_table
+from .arms import ARM_TABLE, arm_overrides, quick_overrides, split_compare_table
 from .runs import compare
 
 
@@ -50,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", help="comma-separated seeds (default: [compare] seeds)")
     p.add_argument(
         "--arms",
-        help=f"comma-separated arms (default: [compare] arms; known: {','.join(ARMS + AKD_ARMS)})",
+        help=f"comma-separated arms (default: [compare] arms; known: {','.join(ARM_TABLE)})",
     )
     p.add_argument("--quick", action="store_true", help="one seed, [compare] quick_steps steps (a smoke run)")
     p.add_argument("--out", help="results folder (default: the work folder)")

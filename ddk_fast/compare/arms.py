@@ -7,57 +7,141 @@ import hashlib
 import json
 import logging
 import subprocess
+from dataclasses import dataclass, field
 
-from ..config import DDKConfig, build_config
+from ..config import build_config
 from ..errors import ConfigError
 
-ARMS = ("ddk", "ddk_paper", "ddk_nosmooth", "uniform", "static", "ce")
-# AKD arms (opt-in: list them in [compare] arms): the sections of the [compare.akd] table, alone and together
-AKD_ARMS = ("akd_hidden", "akd_curriculum", "akd_prompts", "akd", "akd_ddk")
-_AKD_SECTIONS = {
-    "akd_hidden": ("hidden",),
-    "akd_curriculum": ("curriculum",),
-    "akd_prompts": ("teacher_prompt",),
-    "akd": ("hidden", "curriculum", "teacher_prompt"),
-    "akd_ddk": ("hidden", "curriculum", "teacher_prompt"),
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: what it changes in the base config, and how it mixes the domains.
+
+    ``sections``: config sections it sets (``[ddk]``, ``[loss]``); ``mix``: a fixed mix computed per seed by
+    :func:`fixed_mix` (``size``, ``temperature``, ``gap_top1``, ``gap_top2``), None when ``sections`` (or
+    DDK) decide; ``akd``: the ``[compare.akd]`` sections it adds; ``grid``: the arms ``best_fixed`` chooses
+    among (on val); ``default``: in the default arm list (``[compare] arms`` unset)."""
+
+    doc: str
+    sections: dict = field(default_factory=dict)
+    mix: str | None = None
+    akd: tuple[str, ...] = ()
+    grid: tuple[str, ...] = ()
+    default: bool = True
+
+
+# The `ddk` arm: the excess-loss factor with the setting the val pilot chose (`python -m
+# ddk_fast.compare.pilot`, bench/results/compare/pilot/large-gap/, docs/ddk_factors.md): τ = 0.5, α = 0.8.
+# The library's DDKConfig keeps α = 0.5, the paper's, because α is shared with factor = "paper".
+PILOT_CHOICE = {"factor": "excess_loss", "factor_temperature": 0.5, "alpha": 0.8}
+_DDK = {"mixing": "ddk", "smoothing": True, **PILOT_CHOICE}
+_PAPER = {"mixing": "ddk", "smoothing": True, "factor": "paper", "alpha": 0.5}
+_UNIFORM = {"ddk": {"mixing": "uniform"}}
+_FIXED = {"ddk": {"mixing": "static"}}
+_AKD_ALL = ("hidden", "curriculum", "teacher_prompt")
+# The declared grid of fixed mixes that `best_fixed` chooses among, on the val split, by worst val gap
+BEST_FIXED_GRID = ("uniform", "static", "temperature", "gap_top1", "gap_top2")
+GAP_TOP1_SHARE = (
+    0.4  # gap_top1: the domain with the largest step-0 val gap gets this; the others share the rest
+)
+GAP_TOP2_SHARE = 0.3  # gap_top2: the two domains with the largest step-0 val gaps get this each
+
+ARM_TABLE: dict[str, Arm] = {
+    "ddk": Arm("DDK, excess-loss factor with the val pilot's setting (τ = 0.5, α = 0.8)", {"ddk": _DDK}),
+    "ddk_paper": Arm("DDK with the exact Eq. 1 / Eq. 2 (α = 0.5)", {"ddk": _PAPER}),
+    "ddk_nosmooth": Arm(
+        "Eq. 1 recomputed every interval, no smoothing (the paper's ablation)",
+        {"ddk": {**_PAPER, "smoothing": False}},
+    ),
+    "uniform": Arm("KD, equal domain weights", _UNIFORM),
+    "static": Arm("KD, weights proportional to training tokens (a concatenated dataset)", _FIXED, "size"),
+    "temperature": Arm(
+        "KD, weights proportional to training tokens ^ e ([compare] temperature_exponent, 0.3 as "
+        "multilingual LMs sample)",
+        _FIXED,
+        "temperature",
+    ),
+    "gap_top1": Arm(
+        f"KD, fixed: {GAP_TOP1_SHARE} on the domain with the largest val gap at step 0, the rest equal",
+        _FIXED,
+        "gap_top1",
+        default=False,
+    ),
+    "gap_top2": Arm(
+        f"KD, fixed: {GAP_TOP2_SHARE} on each of the two domains with the largest val gaps at step 0",
+        _FIXED,
+        "gap_top2",
+        default=False,
+    ),
+    "best_fixed": Arm(
+        "the grid member with the lowest worst val gap (grid: " + ", ".join(BEST_FIXED_GRID) + "), scored on "
+        "test; every member is trained (the grid's compute is reported)",
+        grid=BEST_FIXED_GRID,
+    ),
+    "ce": Arm("no KD (kd_weight = 0), equal domain weights", {**_UNIFORM, "loss": {"kd_weight": 0.0}}),
+    "akd_hidden": Arm(
+        "AKD's hidden-state loss alone, equal weights", _UNIFORM, akd=("hidden",), default=False
+    ),
+    "akd_curriculum": Arm(
+        "progressive distillation alone, equal weights", _UNIFORM, akd=("curriculum",), default=False
+    ),
+    "akd_prompts": Arm(
+        "the searched teacher prompts alone, equal weights", _UNIFORM, akd=("teacher_prompt",), default=False
+    ),
+    "akd": Arm("all three AKD parts, equal weights", _UNIFORM, akd=_AKD_ALL, default=False),
+    "akd_ddk": Arm(
+        "all three AKD parts with DDK (as the ddk arm)", {"ddk": _DDK}, akd=_AKD_ALL, default=False
+    ),
 }
+ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.default)
+AKD_ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.akd)
 _UNUSED_DDK_KEYS = {
-    "ddk": frozenset(),
-    "fixed": frozenset({"factor", "factor_temperature", "max_weight", "alpha", "smoothing"}),
+    "ddk": frozenset({"min_weight"}),  # read by excess_loss only: see _identity
+    "fixed": frozenset({"factor", "factor_temperature", "max_weight", "alpha", "smoothing", "min_weight"}),
 }
-_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps", "akd"}
+_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps", "akd", "temperature_exponent"}
 log = logging.getLogger("ddk_fast.compare")
 
 
 def arm_overrides(arm: str, akd: dict | None = None) -> dict[str, dict]:
     """The config sections an arm changes (on top of the comparison's base config). ``akd``: the
-    ``[compare.akd]`` table (``hidden``, ``curriculum``, ``teacher_prompt`` sections) the AKD arms add;
-    they mix domains uniformly, ``akd_ddk`` with DDK."""
+    ``[compare.akd]`` table (``hidden``, ``curriculum``, ``teacher_prompt`` sections) the AKD arms add.
+    ``best_fixed`` changes nothing itself (it is one of its grid members)."""
+    if arm not in ARM_TABLE:
+        raise ConfigError("compare.arms", arm, f"one of {', '.join(ARM_TABLE)}")
+    spec = ARM_TABLE[arm]
+    over = json.loads(json.dumps(spec.sections))
+    akd = akd or {}
+    for section in spec.akd:
+        if section not in akd:
+            raise ConfigError(
+                "compare.akd", sorted(akd), f"a [compare.akd.{section}] table for the {arm} arm"
+            )
+        over[section] = dict(akd[section])
+    return over
 
-    if arm in AKD_ARMS:
-        akd = akd or {}
-        over = {"ddk": {"mixing": "ddk", "factor": DDKConfig().factor, "smoothing": True}}
-        if arm != "akd_ddk":
-            over = {"ddk": {"mixing": "uniform"}}
-        for section in _AKD_SECTIONS[arm]:
-            if section not in akd:
-                raise ConfigError(
-                    "compare.akd", sorted(akd), f"a [compare.akd.{section}] table for the {arm} arm"
-                )
-            over[section] = dict(akd[section])
-        return over
 
-    table = {
-        "ddk": {"ddk": {"mixing": "ddk", "factor": DDKConfig().factor, "smoothing": True}},
-        "ddk_paper": {"ddk": {"mixing": "ddk", "factor": "paper", "smoothing": True}},
-        "ddk_nosmooth": {"ddk": {"mixing": "ddk", "factor": "paper", "smoothing": False}},
-        "uniform": {"ddk": {"mixing": "uniform"}},
-        "static": {"ddk": {"mixing": "static"}},
-        "ce": {"ddk": {"mixing": "uniform"}, "loss": {"kd_weight": 0.0}},
-    }
-    if arm not in table:
-        raise ConfigError("compare.arms", arm, f"one of {', '.join(ARMS + AKD_ARMS)}")
-    return table[arm]
+def fixed_mix(arm: str, sizes: list[float], gap0: list[float] | None = None, exponent: float = 0.3):
+    """The domain weights of a fixed-mix arm (None for an arm without one).
+
+    ``sizes``: training tokens per domain; ``gap0``: the student − teacher val CE per domain at step 0 (the
+    shared initialisation's, measured once per seed), needed by ``gap_top1`` / ``gap_top2``; ``exponent``: of
+    the ``temperature`` arm, p ∝ size^exponent."""
+    mix = ARM_TABLE[arm].mix
+    n = len(sizes)
+    if mix is None:
+        return None
+    if mix in ("size", "temperature"):
+        e = 1.0 if mix == "size" else exponent
+        w = [float(x) ** e for x in sizes]
+        return [x / sum(w) for x in w]
+    if gap0 is None or len(gap0) != n:
+        raise ValueError(f"{arm}: needs the step-0 val gap of each of the {n} domains, got {gap0}")
+    order = sorted(range(n), key=lambda i: -gap0[i])
+    top, share = (order[:1], GAP_TOP1_SHARE) if mix == "gap_top1" else (order[:2], GAP_TOP2_SHARE)
+    rest = (1.0 - share * len(top)) / (n - len(top)) if n > len(top) else 0.0
+    w = [share if i in top else rest for i in range(n)]
+    return [x / sum(w) for x in w]
 
 
 def merge_sections(raw: dict, over: dict) -> dict:
@@ -82,7 +166,11 @@ def split_compare_table(raw: dict) -> tuple[dict, dict]:
     comp.setdefault("seeds", [0, 1, 2])
     comp.setdefault("quick_steps", 40)
     comp.setdefault("akd", {})
-    known = {sec for secs in _AKD_SECTIONS.values() for sec in secs}
+    comp.setdefault("temperature_exponent", 0.3)
+    e = comp["temperature_exponent"]
+    if not isinstance(e, (int, float)) or not 0 <= e <= 1:
+        raise ConfigError("compare.temperature_exponent", e, "a number in [0, 1] (p ∝ size^e)")
+    known = set(_AKD_ALL)
     if not isinstance(comp["akd"], dict) or any(k not in known for k in comp["akd"]):
         raise ConfigError("compare.akd", comp["akd"], f"a table of the sections {sorted(known)}")
     for arm in comp["arms"]:
@@ -144,6 +232,8 @@ def _identity(resolved: dict) -> dict:
     unused = _UNUSED_DDK_KEYS["ddk" if ddk["mixing"] == "ddk" else "fixed"]
     if ddk["mixing"] == "ddk" and ddk["factor"] == "paper":
         unused = unused | {"factor_temperature"}
+    elif ddk["mixing"] == "ddk":
+        unused = unused - {"min_weight"}
     resolved["ddk"] = {k: v for k, v in ddk.items() if k not in unused}
     return resolved
 

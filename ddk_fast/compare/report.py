@@ -5,7 +5,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-_BASELINES = ("ddk_paper", "ddk_nosmooth", "uniform", "static", "ce")
+from .stats import by_arm, interval_text, paired, paired_interval, summary_lines
+
+
+def _signed(xs: list[float]) -> str:
+    return ", ".join(f"{d:+.4f}" for d in xs)
 
 
 def _ms(xs: list[float]) -> str:
@@ -14,58 +18,41 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
-def _signed(xs: list[float]) -> str:
-    return ", ".join(f"{d:+.4f}" for d in xs)
-
-
-def by_arm(results: dict) -> dict[str, dict[int, dict]]:
-    out: dict[str, dict[int, dict]] = {}
-    for r in results["runs"]:
-        out.setdefault(r["arm"], {})[r["seed"]] = r
-    return out
-
-
-def paired(results: dict, arm: str, base: str, key: str) -> list[float]:
-    """Per-seed ``arm − base`` of ``key`` over the seeds both have (pairs share the student init)."""
-    runs = by_arm(results)
-    a, b = runs.get(arm, {}), runs.get(base, {})
-    return [a[s][key] - b[s][key] for s in results["seeds"] if s in a and s in b]
-
-
-def verdicts(results: dict) -> list[str]:
-    """The comparison's goals, each checked per seed against the numbers (never only on means)."""
-    runs = by_arm(results)
-    lines = []
-    if "ddk" not in runs:
-        return lines
-    for base in ("uniform", "static"):
-        if base not in runs:
-            continue
-        worst = paired(results, "ddk", base, "worst_gap")
-        mean = paired(results, "ddk", base, "mean_gap")
-        w_ok = sum(d < 0 for d in worst)
-        m_ok = sum(d <= 0 for d in mean)
+def grid_lines(results: dict) -> list[str]:
+    """What ``best_fixed`` chose per seed (on val), and the grid's compute."""
+    rows = [r for r in results["runs"] if r["arm"] == "best_fixed"]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## best_fixed: the grid, chosen on val",
+        "",
+        "Each seed trains every grid member; the member with the lowest worst **val** gap (ties: mean val "
+        "gap) is scored on test. Grid compute: "
+        f"{rows[0]['grid_tokens']:,} tokens per seed, {len(rows[0]['grid'])}x one arm's "
+        f"{rows[0]['tokens']:,}.",
+        "",
+        "| seed | chosen | " + " | ".join(f"{g['arm']} worst val gap" for g in rows[0]["grid"]) + " |",
+        "|---|---|" + "---|" * len(rows[0]["grid"]),
+    ]
+    for r in sorted(rows, key=lambda r: r["seed"]):
         lines.append(
-            f"- ddk vs {base}: worst-domain gap lower in {w_ok}/{len(worst)} seeds "
-            f"(Δ {_signed(worst)}); mean gap no worse in {m_ok}/{len(mean)} seeds "
-            f"(Δ {_signed(mean)})."
-        )
-    if "ce" in runs:
-        kd_arms = [a for a in runs if a != "ce"]
-        beats = {a: sum(d < 0 for d in paired(results, a, "ce", "mean_gap")) for a in kd_arms}
-        n = len(paired(results, kd_arms[0], "ce", "mean_gap")) if kd_arms else 0
-        lines.append(
-            "- KD arms vs ce (mean gap lower, seeds): "
-            + ", ".join(f"{a} {k}/{n}" for a, k in beats.items())
-            + "."
-        )
-    if "ddk_nosmooth" in runs:
-        osc = paired(results, "ddk_nosmooth", "ddk", "weight_oscillation")
-        lines.append(
-            f"- ddk_nosmooth oscillates more than ddk in {sum(d > 0 for d in osc)}/{len(osc)} seeds "
-            f"(Δ mean |Δw| {_signed(osc)})."
+            f"| {r['seed']} | {r['chosen']} | "
+            + " | ".join(f"{g['val_worst_gap']:.4f}" for g in r["grid"])
+            + " |"
         )
     return lines
+
+
+def oscillation_lines(results: dict) -> list[str]:
+    if "ddk_nosmooth" not in by_arm(results) or "ddk" not in by_arm(results):
+        return []
+    osc = paired(results, "ddk_nosmooth", "ddk", "weight_oscillation")
+    return [
+        "",
+        f"- ddk_nosmooth − ddk, mean |Δw| per weight update, per seed: {_signed(osc)} "
+        f"({sum(d > 0 for d in osc)}/{len(osc)} seeds oscillate more without smoothing).",
+    ]
 
 
 # (arm, base) pairs of the AKD arms: each part against plain KD, all parts against plain KD and against
@@ -90,16 +77,17 @@ def akd_lines(results: dict) -> list[str]:
         return []
     lines = [
         "",
-        "## AKD arms, paired by seed (negative = the first arm better)",
+        "## AKD arms, paired by seed (negative = the first arm better; mean [95 % paired-t interval])",
         "",
-        "| arm − base | Δ mean gap per seed | Δ worst gap per seed | mean lower | worst lower |",
+        "| arm − base | Δ mean gap per seed | Δ mean gap | Δ worst gap per seed | Δ worst gap |",
         "|---|---|---|---|---|",
     ]
     for a, b in pairs:
         dm, dw = paired(results, a, b, "mean_gap"), paired(results, a, b, "worst_gap")
+        im, iw = paired_interval(dm), paired_interval(dw)
         lines.append(
-            f"| {a} − {b} | {_signed(dm)} | {_signed(dw)} | {sum(d < 0 for d in dm)}/{len(dm)} | "
-            f"{sum(d < 0 for d in dw)}/{len(dw)} |"
+            f"| {a} − {b} | {_signed(dm)} | {interval_text(im)}, {im['verdict']} | {_signed(dw)} | "
+            f"{interval_text(iw)}, {iw['verdict']} |"
         )
     return lines
 
@@ -118,58 +106,38 @@ def write_compare_report(results: dict, out: Path) -> Path:
         f"{s['wall_seconds'] / 60:.1f} min; finished runs are reused)",
         f"- command: `{s['command']}`",
         "- every arm starts from the same student initialisation per seed and trains on the same number of "
-        "tokens; CE is measured on the **test** split (whole documents held out, never used by DDK); "
+        "tokens; CE is measured on the **test** split (whole documents in their own files when the config "
+        "names test_files: neither the teacher nor the tokenizer trained on them; DDK never sees them); "
         "gap = student − teacher test CE (nats/token; the plain teacher's, also for arms whose teacher "
         "sees prompts), mean gap weighted by test tokens, worst = largest.",
         "",
-        "| arm | mean gap (mean ± std) | worst gap (mean ± std) | "
-        + " | ".join(f"{d} gap" for d in domains)
-        + " | weight oscillation | tokens |",
-        "|---|---|---|" + "---|" * len(domains) + "---|---|",
+        *summary_lines(results),
+        "",
+        "Teacher test CE per domain: "
+        + ", ".join(f"{d} {t:.3f}" for d, t in zip(domains, results["teacher_test_ce"]))
+        + "; untrained student (the shared init) test gaps: "
+        + "; ".join(
+            f"seed {ref['seed']} mean {ref['mean_gap']:.4f} worst {ref['worst_gap']:.4f}"
+            for ref in results.get("references", [])
+        )
+        + ".",
     ]
-    for arm, per_seed in runs.items():
-        rs = list(per_seed.values())
-        dom = [statistics.mean(r["gap"][i] for r in rs) for i in range(len(domains))]
-        lines.append(
-            f"| {arm} | {_ms([r['mean_gap'] for r in rs])} | {_ms([r['worst_gap'] for r in rs])} | "
-            + " | ".join(f"{g:.4f}" for g in dom)
-            + f" | {statistics.mean(r['weight_oscillation'] for r in rs):.4f} | {rs[0]['tokens']:,} |"
-        )
-    teacher = results["teacher_test_ce"]
-    lines.append("| *teacher test CE* | | | " + " | ".join(f"*{t:.3f}*" for t in teacher) + " | | |")
-    for ref in results.get("references", []):
-        lines.append(
-            f"| *{ref['arm']} (seed {ref['seed']})* | {ref['mean_gap']:.4f} | {ref['worst_gap']:.4f} | "
-            + " | ".join(f"{g:.4f}" for g in ref["gap"])
-            + " | | |"
-        )
+    lines += grid_lines(results)
     lines += [
         "",
         "## Every seed",
         "",
-        "| arm | seed | mean gap | worst gap | final weights |",
-        "|---|---|---|---|---|",
+        "| arm | seed | mean gap | worst gap | final weights | commit |",
+        "|---|---|---|---|---|---|",
     ]
     for arm, per_seed in runs.items():
         for seed, r in sorted(per_seed.items()):
             w = r["weights"][-1][1:] if r["weights"] else []
             lines.append(
                 f"| {arm} | {seed} | {r['mean_gap']:.4f} | {r['worst_gap']:.4f} | "
-                f"{' '.join(f'{x:.2f}' for x in w)} |"
+                f"{' '.join(f'{x:.2f}' for x in w)} | {r.get('commit', '')} |"
             )
-    if "ddk" in runs:
-        lines += [
-            "",
-            "## Paired by seed: ddk − baseline (negative = ddk better)",
-            "",
-            "| baseline | Δ mean gap per seed | Δ worst gap per seed |",
-            "|---|---|---|",
-        ]
-        for base in _BASELINES:
-            if base in runs:
-                dm, dw = paired(results, "ddk", base, "mean_gap"), paired(results, "ddk", base, "worst_gap")
-                lines.append(f"| {base} | {_signed(dm)} | {_signed(dw)} |")
-        lines += ["", "## Against the goals", "", *verdicts(results)]
+    lines += oscillation_lines(results)
     lines += akd_lines(results)
     _plot_gaps(results, out / "gaps.png")
     _plot_weights(results, out / "weights.png")

@@ -24,8 +24,18 @@ from ..models.loading import (
 from ..prompts.run import run_search
 from ..training.report import write_report
 from ..training.trainer import Trainer
-from .arms import arm_overrides, git_commit, merge_sections, run_key, short_hash
+from .arms import (
+    ARM_TABLE,
+    BEST_FIXED_GRID,
+    arm_overrides,
+    fixed_mix,
+    git_commit,
+    merge_sections,
+    run_key,
+    short_hash,
+)
 from .report import write_compare_report
+from .stats import paired_intervals, summary_lines
 
 log = logging.getLogger("ddk_fast.compare")
 
@@ -46,15 +56,47 @@ def shared_student_init(raw: dict, seed: int, out: Path) -> dict:
     return {**raw, "model": {**model, "student": str(folder)}}
 
 
-def static_weights(raw: dict) -> dict:
-    """Domain weights proportional to training tokens (prepares the shards; the run reuses them)."""
-
+def domain_sizes(raw: dict) -> list[int]:
+    """Training tokens per domain (prepares the shards; the run reuses them)."""
     cfg = build_config(raw)
-    prepared = prepare_config_domains(cfg.data, load_tokenizer(cfg.model))
+    return [int(p.train.num_tokens) for p in prepare_config_domains(cfg.data, load_tokenizer(cfg.model))]
+
+
+def with_weights(raw: dict, weights: list[float]) -> dict:
+    """``raw`` with ``[[data.domains]] weight`` set (the mix of a ``mixing = "static"`` run)."""
     data = json.loads(json.dumps(raw["data"]))
-    for dom, p in zip(data["domains"], prepared):
-        dom["weight"] = float(p.train.num_tokens)
+    for dom, w in zip(data["domains"], weights):
+        dom["weight"] = float(w)
     return {**raw, "data": data}
+
+
+def step0_gap(row: dict) -> list[float]:
+    """Student − teacher val CE per domain at step 0 (the shared initialisation's: any arm's row of the
+    seed)."""
+    return [s - t for s, t in zip(row["val_ce_initial"], row["teacher_val_ce"])]
+
+
+def val_gaps(row: dict) -> list[float]:
+    """Student − teacher val CE per domain at the end of the run (what best_fixed chooses on)."""
+    return [s - t for s, t in zip(row["val_ce"], row["teacher_val_ce"])]
+
+
+def best_fixed_row(members: dict[str, dict], grid: tuple[str, ...]) -> dict:
+    """The grid member with the lowest worst val gap (ties: lowest mean val gap), as the ``best_fixed`` row;
+    ``grid`` lists every member's val gaps and ``grid_tokens`` the tokens all members trained on."""
+    table = []
+    for name in grid:
+        g = val_gaps(members[name])
+        table.append({"arm": name, "val_worst_gap": max(g), "val_mean_gap": sum(g) / len(g)})
+    chosen = min(table, key=lambda r: (r["val_worst_gap"], r["val_mean_gap"]))["arm"]
+    row = {k: v for k, v in members[chosen].items()}
+    row.update(
+        arm="best_fixed",
+        chosen=chosen,
+        grid=table,
+        grid_tokens=int(sum(members[m]["tokens"] for m in grid)),
+    )
+    return row
 
 
 def searched_prompts(raw: dict, out: Path) -> Path:
@@ -74,14 +116,23 @@ def searched_prompts(raw: dict, out: Path) -> Path:
     return path
 
 
-def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) -> dict:
+def run_arm(
+    raw: dict,
+    arm: str,
+    seed: int,
+    out: Path,
+    akd: dict | None = None,
+    gap0: list[float] | None = None,
+    exponent: float = 0.3,
+) -> dict:
     """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
-    ``[compare.akd]`` table (AKD arms)."""
+    ``[compare.akd]`` table (AKD arms); ``gap0``: the seed's step-0 val gaps (``gap_top*`` arms);
+    ``exponent``: of the ``temperature`` arm."""
 
     raw = merge_sections(raw, arm_overrides(arm, akd))
     raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
-    if arm == "static":
-        raw = static_weights(raw)
+    if ARM_TABLE[arm].mix is not None:
+        raw = with_weights(raw, fixed_mix(arm, domain_sizes(raw), gap0, exponent))
     if "teacher_prompt" in arm_overrides(arm, akd) and not raw["teacher_prompt"].get("use"):
         raw = merge_sections(raw, {"teacher_prompt": {"use": str(searched_prompts(raw, out))}})
     key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
@@ -100,6 +151,7 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) 
     result = trainer.fit()
     write_report(result, trainer.names)
     test_tokens = [int((vs["labels"] != -100).sum()) for vs in trainer.test_sets]
+    evals = result.eval_history
     row = {
         "arm": arm,
         "seed": seed,
@@ -112,6 +164,12 @@ def run_arm(raw: dict, arm: str, seed: int, out: Path, akd: dict | None = None) 
         "wall_seconds": round(result.wall_seconds, 1),
         "settings_hash": key,
         "teacher_prompts": cfg.teacher_prompt.use,  # its teacher CE is the prefixed teacher's
+        # val (steered on, chosen on; never reported as the result): at step 0 and at the end
+        "val_ce_initial": evals[0]["student_loss"] if evals and evals[0]["step"] == 0 else None,
+        "val_ce": evals[-1]["student_loss"] if evals else None,
+        "teacher_val_ce": result.teacher_losses,
+        "commit": git_commit(),  # the code that trained this run
+        "config": cfg.to_dict(),  # its full resolved config (AKD sections included)
     }
     done.write_text(json.dumps(row) + "\n")
     return row
@@ -191,31 +249,44 @@ def compare(
     quiet.setLevel(logging.WARNING)  # one line per run here; each run keeps its own report.md
     rows, refs = [], []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(seeds) * (len(arms) + 1), unit="run", desc=f"compare {comp['name']}")
+    order = training_order(arms)
+    exponent = comp.get("temperature_exponent", 0.3)
+    bar = tqdm(total=len(seeds) * (len(order) + 1), unit="run", desc=f"compare {comp['name']}")
     try:
         for seed in seeds:
             seeded = shared_student_init(raw, seed, work)
             bar.set_postfix_str(f"seed {seed} untrained")
             refs.append(untrained_row(seeded, seed, work))
             bar.update(1)
-            for arm in arms:
+            trained: dict[str, dict] = {}
+            for arm in order:
                 bar.set_postfix_str(f"seed {seed} {arm}")
-                row = run_arm(seeded, arm, seed, work, comp["akd"])
-                rows.append(row)
+                gap0 = step0_gap(trained["uniform"]) if ARM_TABLE[arm].mix in _GAP_MIXES else None
+                trained[arm] = run_arm(seeded, arm, seed, work, comp["akd"], gap0, exponent)
                 bar.update(1)
-                gaps = [s - t for s, t in zip(row["test_ce"], row["teacher_test_ce"])]
+                gaps = [s - t for s, t in zip(trained[arm]["test_ce"], trained[arm]["teacher_test_ce"])]
                 bar.write(
                     f"seed {seed} {arm:>13}: mean test gap {sum(gaps) / len(gaps):.4f}, worst {max(gaps):.4f}"
                 )
+            for arm in arms:
+                grid = ARM_TABLE[arm].grid
+                rows.append(best_fixed_row(trained, grid) if grid else trained[arm])
     finally:
         bar.close()
         quiet.setLevel(level)
     cfg_dump = json.loads(json.dumps(raw))
+    arm_configs = {}
+    for r in rows:  # each arm's full resolved config (its first seed's; the seeds differ in train.seed only)
+        arm_configs.setdefault(r["arm"], r.get("config"))
     setting = {
         "name": comp["name"],
         "quick": quick,
         "arms": arms,
+        "arm_table": {a: ARM_TABLE[a].doc for a in arms},
+        "best_fixed_grid": list(BEST_FIXED_GRID),
+        "temperature_exponent": exponent,
         "config": cfg_dump,
+        "arm_configs": arm_configs,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s)",
@@ -224,8 +295,27 @@ def compare(
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     domains = [d["name"] for d in raw["data"]["domains"]]
+    rows = [{k: v for k, v in r.items() if k != "config"} for r in rows]  # in setting.arm_configs
     results = summarise(setting, seeds, domains, rows, refs)
+    results["intervals"] = paired_intervals(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_compare_report(results, out)
+    print("\n".join(summary_lines(results)))
     print(f"results: {out / 'results.json'}\nreport:  {report}")
     return 0
+
+
+_GAP_MIXES = ("gap_top1", "gap_top2")
+
+
+def training_order(arms: list[str]) -> list[str]:
+    """The runs a seed needs, in order: the arms, ``best_fixed`` replaced by its grid members, each once, and
+    ``uniform`` first when a ``gap_top*`` mix needs its step-0 val gaps."""
+    order: list[str] = []
+    for arm in arms:
+        for a in ARM_TABLE[arm].grid or (arm,):
+            if a not in order:
+                order.append(a)
+    if any(ARM_TABLE[a].mix in _GAP_MIXES for a in order):
+        order = ["uniform"] + [a for a in order if a != "uniform"]
+    return order

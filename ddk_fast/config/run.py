@@ -40,6 +40,16 @@ class DomainConfig:
         lambda v: len(v) > 0,
         "a non-empty list of file paths",
     )
+    val_files: list[str] = _opt(
+        [],
+        "files holding this domain's validation documents (what DDK steers on), kept apart from `files`; "
+        "empty = val is drawn from `files` (seeded by data.split_seed). Set together with test_files",
+    )
+    test_files: list[str] = _opt(
+        [],
+        "files holding this domain's test documents (reported only); empty = drawn from `files`. Give both "
+        "when the teacher or tokenizer trained on `files`: then nothing they saw is scored",
+    )
     text_field: str = _opt("text", "field holding the document text (ignored for .txt files)")
     weight: float = _opt(1.0, 'static mixing proportion (used when [ddk] mixing = "static")', *_nonneg)
     format: Literal["auto", "text", "chat", "prompt_completion"] = _opt(
@@ -199,6 +209,14 @@ class DDKConfig:
         lambda v: 0 < v <= 1,
         "a number in (0, 1]",
     )
+    min_weight: float = _opt(
+        1e-3,
+        "excess_loss: every domain keeps at least this weight (w <- (1 - N*m) w + m), so a domain pushed "
+        "down can recover (at alpha = 1 there is no other floor); 0 = none; the paper factor ignores it "
+        "(exact)",
+        lambda v: 0 <= v < 0.1,
+        "a number in [0, 0.1)",
+    )
     eval_batch_size: int = _opt(8, "sequences per validation forward pass", *_pos_int)
 
 
@@ -344,7 +362,20 @@ def _exists(path: str, key: str, want_dir: bool = False, hub: bool = False) -> N
         what = (
             "an existing " + ("folder" if want_dir else "file") + (" or a Hub id (org/name)" if hub else "")
         )
-        raise ConfigError(key, path, what, f"resolved to {p.resolve()}")
+        raise ConfigError(key, path, what, f"resolved to {p.resolve()}{_stale_assets_hint(p)}")
+
+
+def _stale_assets_hint(missing: Path) -> str:
+    """A missing file under a folder written by ``python -m ddk_fast.demo`` (it holds a ``.stamp.json``) means
+    assets built by an older version: say how to rebuild them."""
+    for folder in missing.resolve().parents:
+        if (folder / ".stamp.json").is_file():
+            root = folder.parent
+            return (
+                f"; {folder} was built by an older `python -m ddk_fast.demo` (before val/ and test/ were "
+                f"held out): rebuild it with `python -m ddk_fast.demo --out {root}` (or `make demo`)"
+            )
+    return ""
 
 
 def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
@@ -374,11 +405,22 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"data.domains[{i}].name", name, "a name not used by another domain")
+    for i, dom in enumerate(d.domains):
+        if bool(dom.val_files) != bool(dom.test_files):
+            key = "test_files" if dom.val_files else "val_files"
+            raise ConfigError(
+                f"data.domains[{i}].{key}", getattr(dom, key), "set together with val_files / test_files",
+                hint="held-out files replace the seeded split of `files`: give both, or neither",
+            )  # fmt: skip
     if cfg.ddk.mixing == "static" and sum(dom.weight for dom in d.domains) <= 0:
         raise ConfigError(
             "data.domains[0].weight",
             d.domains[0].weight,
             "static mixing needs at least one domain weight > 0",
+        )
+    if cfg.ddk.min_weight * len(d.domains) >= 1.0:
+        raise ConfigError(
+            "ddk.min_weight", cfg.ddk.min_weight, f"less than 1/N = {1.0 / len(d.domains):.4f} (N domains)"
         )
     if cfg.ddk.max_weight * len(d.domains) < 1.0:
         raise ConfigError(
@@ -405,15 +447,16 @@ def cross_checks(cfg: RunConfig, check_paths: bool) -> None:
     if d.chat_template:
         _exists(d.chat_template, "data.chat_template")
     for i, dom in enumerate(d.domains):
-        for j, (spec, paths) in enumerate(expand_data_files(dom.files)):
-            if not paths:
-                raise ConfigError(
-                    f"data.domains[{i}].files[{j}]", spec, "a glob that matches at least one file",
-                    f"it matches nothing from {Path.cwd()}",
-                )  # fmt: skip
-            for f in paths:
-                _exists(f, f"data.domains[{i}].files[{j}]")
-                if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+        for key in ("files", "val_files", "test_files"):
+            for j, (spec, paths) in enumerate(expand_data_files(getattr(dom, key))):
+                if not paths:
                     raise ConfigError(
-                        f"data.domains[{i}].files[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
-                    )
+                        f"data.domains[{i}].{key}[{j}]", spec, "a glob that matches at least one file",
+                        f"it matches nothing from {Path.cwd()}{_stale_assets_hint(Path(spec))}",
+                    )  # fmt: skip
+                for f in paths:
+                    _exists(f, f"data.domains[{i}].{key}[{j}]")
+                    if Path(f).suffix not in (".jsonl", ".json", ".parquet", ".txt"):
+                        raise ConfigError(
+                            f"data.domains[{i}].{key}[{j}]", f, "a .jsonl, .json, .parquet or .txt file"
+                        )

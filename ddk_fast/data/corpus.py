@@ -10,7 +10,9 @@ counts bad records per file (no usable field, empty, undecodable: :class:`FileFa
 from one seeded permutation of the documents: ``val`` (what DDK steers on) takes whole documents until it
 holds ``val_sequences * (seq_len + 1)`` tokens (separators included), then ``test`` (reported only) takes the
 next documents until ``test_sequences * (seq_len + 1)``. The three splits are disjoint sets of documents;
-the rest is the training shard.
+the rest is the training shard. A domain with ``val_files`` and ``test_files`` takes val and test from those
+files instead (their first documents, in file order, until the same token counts) and trains on every
+document of ``files``: held-out files that the teacher and the tokenizer never read.
 
 Shards are cached under ``cache_dir/<domain>-<key>/{train,val,test}``. The key hashes everything the content
 depends on: the tokenizer (its ``tokenizer.json`` serialisation, or sorted vocabulary, plus the special
@@ -308,6 +310,32 @@ def _split(
     return np.sort(val), np.sort(test), np.sort(train)
 
 
+def _prefix(i: int, key: str, shard: TokenShard, need: int, what: str) -> np.ndarray:
+    """The first documents of a held-out shard (file order) covering ``need`` tokens, separators counted."""
+    if need == 0:
+        return np.arange(0, dtype=np.int64)
+    cum = np.cumsum(shard.doc_lengths() + 1)
+    if cum.size == 0 or cum[-1] < need:
+        found = int(cum[-1]) if cum.size else 0
+        raise ConfigError(
+            f"data.domains[{i}].{key}", f"{found} tokens in {cum.size} documents",
+            f"enough text for a {what} split of {need} tokens (separators counted)",
+            hint=f"add held-out documents or lower {what}_sequences/seq_len",
+        )  # fmt: skip
+    return np.arange(int(np.searchsorted(cum, need)) + 1, dtype=np.int64)
+
+
+def _held_files(i: int, dom) -> tuple[list, list] | None:
+    """(val files, test files) of a domain that names its held-out files, else None."""
+    val, test = getattr(dom, "val_files", None) or [], getattr(dom, "test_files", None) or []
+    if not val and not test:
+        return None
+    if not val or not test:
+        key = "test_files" if val else "val_files"
+        raise ConfigError(f"data.domains[{i}].{key}", [], "set together with val_files / test_files")
+    return _check_files(i, val), _check_files(i, test)
+
+
 def _txt_hint(exc: ConfigError, dom, files) -> ConfigError:
     """A split that needs more documents than .txt files of one document each give: say so."""
     if getattr(dom, "text_unit", "file") != "file" or not any(kind == "text" for _, kind in files):
@@ -368,10 +396,14 @@ def prepare_domains(
     vocab_size = tokenizer_vocab_size(tokenizer)
     examples = examples or ExampleSettings()
     checked = [_check_files(i, d.files) for i, d in enumerate(domains)]  # all paths first: fail fast
+    held_out = [_held_files(i, d) for i, d in enumerate(domains)]
     out = []
-    for i, (dom, files) in enumerate(zip(domains, checked)):
+    for i, (dom, files, held) in enumerate(zip(domains, checked, held_out)):
         fmt, unit = getattr(dom, "format", "auto"), getattr(dom, "text_unit", "file")
         may_chat = fmt != "text" and any(kind != "text" for _, kind in files)
+        if held:
+            may_chat = may_chat or (fmt != "text" and any(k != "text" for f in held for _, k in f))
+        held_key = {"held_out": [[[file_sha256(p), k] for p, k in f] for f in held]} if held else {}
         key = _cache_key(
             tok_fp,
             files,
@@ -382,6 +414,7 @@ def prepare_domains(
             test_sequences=test_sequences,
             format=fmt,
             text_unit=unit,
+            **held_key,
             **(examples.key(tokenizer) if may_chat else {}),
         )
         final = cache / f"{_safe(dom.name)}-{key}"
@@ -411,26 +444,46 @@ def prepare_domains(
                     hint=f"domain {dom.name!r} has no text that tokenises to any token",
                 )
             check_faults(i, report, dom.text_field, max_bad_records)
+            sources = {"train": all_shard, "val": all_shard, "test": all_shard}
+            if held:  # val and test from their own files; every document of `files` trains
+                for split, split_files, need in (
+                    ("val", held[0], val_sequences * (seq_len + 1)),
+                    ("test", held[1], test_sequences * (seq_len + 1)),
+                ):
+                    shard, more = _tokenise_domain(
+                        i, dom, split_files, tokenizer, vocab_size, tmp / f"{split}_all", hf_cache, num_proc,
+                        seq_len, examples,
+                    )  # fmt: skip
+                    check_faults(i, more, dom.text_field, max_bad_records)
+                    report += more
+                    sources[split] = shard
+                    docs = _prefix(i, f"{split}_files", shard, need, split)
+                    if split == "val":
+                        val_docs = docs
+                    else:
+                        test_docs = docs
+                train_docs = np.arange(all_shard.num_docs, dtype=np.int64)
+            else:
+                try:
+                    val_docs, test_docs, train_docs = _split(
+                        i,
+                        all_shard,
+                        seq_len=seq_len,
+                        val_sequences=val_sequences,
+                        test_sequences=test_sequences,
+                        seed=seed,
+                    )
+                except ConfigError as exc:
+                    raise _txt_hint(exc, dom, files) from None
             (tmp / FAULTS_FILE).write_text(json.dumps([dataclasses.asdict(f) for f in report]) + "\n")
-            try:
-                val_docs, test_docs, train_docs = _split(
-                    i,
-                    all_shard,
-                    seq_len=seq_len,
-                    val_sequences=val_sequences,
-                    test_sequences=test_sequences,
-                    seed=seed,
-                )
-            except ConfigError as exc:
-                raise _txt_hint(exc, dom, files) from None
             meta = {"domain": dom.name, "cache_key": key, "tokenizer": tok_fp}
             if all_shard.mask is not None:  # examples packed whole into seq_len - 1 token blocks
                 meta["packed_seq_len"] = seq_len
-            _copy_docs(all_shard, train_docs, tmp / "train", {**meta, "split": "train"})
-            _copy_docs(all_shard, val_docs, tmp / "val", {**meta, "split": "val"})
-            _copy_docs(all_shard, test_docs, tmp / "test", {**meta, "split": "test"})
-            del all_shard
-            shutil.rmtree(tmp / "all")
+            for split, docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
+                _copy_docs(sources[split], docs, tmp / split, {**meta, "split": split})
+            del all_shard, sources
+            for sub in ("all", "val_all", "test_all"):
+                shutil.rmtree(tmp / sub, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError:  # another process (rank) finished the same shards first: use theirs

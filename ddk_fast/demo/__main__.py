@@ -2,7 +2,7 @@
 
 Three steps, each cached in its own folder under ``--out``::
 
-    corpus/      <domain>.jsonl and valid/<domain>.jsonl      (ddk_fast.demo.corpus)
+    corpus/      <domain>.jsonl (train), val/, test/ and small/<domain>.jsonl   (ddk_fast.demo.corpus)
     tokenizer/   byte-level BPE, AutoTokenizer-loadable       (ddk_fast.demo.tokenizer)
     teacher/     tiny Llama (safetensors) + tokenizer + teacher_report.json   (ddk_fast.demo.teacher)
 
@@ -42,7 +42,7 @@ logger = logging.getLogger("ddk_fast.demo")
 
 STAMP_NAME = ".stamp.json"
 # Bump a step's version when its code changes what it writes: the cached folder is then rebuilt.
-STEP_VERSIONS = {"corpus": 2, "tokenizer": 1, "teacher": 1}
+STEP_VERSIONS = {"corpus": 3, "tokenizer": 1, "teacher": 1}
 
 
 def _hash(obj: object) -> str:
@@ -116,7 +116,8 @@ def prepare_demo(
         progress: show the teacher's tqdm bar.
 
     Returns:
-        Paths: ``out``, ``corpus`` (``<domain>.jsonl``), ``valid`` (``<domain>.jsonl`` held out),
+        Paths: ``out``, ``corpus`` (``<domain>.jsonl``: training documents), ``val`` and ``test``
+        (``<domain>.jsonl``: documents held out before the tokenizer and the teacher train),
         ``tokenizer``, ``teacher`` (model + tokenizer, ``from_pretrained``-loadable) and
         ``teacher_report`` (json with the teacher's per-domain validation losses, the unigram baselines
         and the settings), plus ``built``:
@@ -184,7 +185,8 @@ def prepare_demo(
     return {
         "out": out,
         "corpus": out / "corpus",
-        "valid": out / "corpus" / "valid",
+        "val": out / "corpus" / "val",
+        "test": out / "corpus" / "test",
         "tokenizer": out / "tokenizer",
         "teacher": out / "teacher",
         "teacher_report": out / "teacher" / REPORT_NAME,

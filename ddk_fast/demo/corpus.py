@@ -24,7 +24,14 @@ version and settings give byte-identical files.
 Layout written by :func:`build_corpus`::
 
     <dir>/<domain>.jsonl        training documents, one JSON object {"text": ...} per line
-    <dir>/valid/<domain>.jsonl  held-out documents of the same domain (the last documents generated)
+    <dir>/val/<domain>.jsonl    held-out documents: validation (what DDK steers on, what a grid is chosen on)
+    <dir>/test/<domain>.jsonl   held-out documents: test (reported only)
+    <dir>/small/<domain>.jsonl  the first training documents, about ``small_chars`` (a subset of train, for
+                                settings that need a small domain)
+
+The held-out documents are the last ones generated (test last, val before it) and are split off *before*
+anything trains: the tokenizer and the teacher read ``<domain>.jsonl`` only, so nothing scored on val or
+test was ever seen by them.
 """
 
 from __future__ import annotations
@@ -72,7 +79,9 @@ class CorpusSettings:
     arithmetic_chars: int = 200_000
     structured_chars: int = 200_000
     logs_chars: int = 1_000_000
-    valid_chars: int = 16_000  # held out per domain, on top of the training text
+    val_chars: int = 24_000  # held out per domain for validation, on top of the training text
+    test_chars: int = 40_000  # held out per domain for test, on top of the training and validation text
+    small_chars: int = 50_000  # the size of the small/ subset of each domain's training documents
     max_file_chars: int = 12_000  # at most this much text is taken from one stdlib file
     max_file_bytes: int = 200_000  # larger stdlib files are skipped (generated tables)
 
@@ -84,7 +93,9 @@ class CorpusSettings:
             arithmetic_chars=12_000,
             structured_chars=12_000,
             logs_chars=30_000,
-            valid_chars=2_000,
+            val_chars=2_000,
+            test_chars=2_000,
+            small_chars=4_000,
         )
 
     def chars(self, domain: str) -> int:
@@ -317,19 +328,27 @@ _GENERATORS: dict[str, Callable[[CorpusSettings, int], list[str]]] = {
 }
 
 
-def generate_domain(domain: str, settings: CorpusSettings) -> tuple[list[str], list[str]]:
-    """(training documents, held-out documents) of one domain: the last documents generated are held out."""
-    if domain not in _GENERATORS:
-        raise ValueError(f"domain: expected one of {list(_GENERATORS)}, got {domain!r}")
-    docs = _GENERATORS[domain](settings, settings.chars(domain) + settings.valid_chars)
+def _split_tail(docs: list[str], chars: int) -> tuple[list[str], list[str]]:
+    """(head, tail): the tail is the last documents covering at least ``chars`` characters."""
     held, n = 0, len(docs)
-    while n > 1 and held < settings.valid_chars:
+    while n > 1 and held < chars:
         n -= 1
         held += len(docs[n])
-    train, valid = docs[:n], docs[n:]
-    if not train or not valid:
+    return docs[:n], docs[n:]
+
+
+def generate_domain(domain: str, settings: CorpusSettings) -> tuple[list[str], list[str], list[str]]:
+    """(training, validation, test documents) of one domain: whole documents, the last ones generated are
+    held out (test last, validation before it)."""
+    if domain not in _GENERATORS:
+        raise ValueError(f"domain: expected one of {list(_GENERATORS)}, got {domain!r}")
+    s = settings
+    docs = _GENERATORS[domain](s, s.chars(domain) + s.val_chars + s.test_chars)
+    rest, test = _split_tail(docs, s.test_chars)
+    train, val = _split_tail(rest, s.val_chars)
+    if not train or not val or not test:
         raise RuntimeError(f"domain {domain!r} produced too little text ({len(docs)} documents)")
-    return train, valid
+    return train, val, test
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> None:
@@ -344,26 +363,39 @@ def read_jsonl(path: str | os.PathLike) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
+HELD_OUT = ("val", "test")
+
+
 def build_corpus(out_dir: str | os.PathLike, settings: CorpusSettings | None = None) -> dict[str, dict]:
-    """Write every domain's training and held-out documents under ``out_dir``; returns per-domain stats."""
+    """Write every domain's training, validation, test and small documents under ``out_dir``; returns
+    per-domain stats."""
     settings = settings or CorpusSettings()
     out = Path(out_dir)
-    (out / "valid").mkdir(parents=True, exist_ok=True)
+    for sub in (*HELD_OUT, "small"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     stats: dict[str, dict] = {}
     for domain in DOMAINS:
-        train, valid = generate_domain(domain, settings)
+        train, val, test = generate_domain(domain, settings)
+        small, chars = [], 0
+        for doc in train:
+            if chars >= settings.small_chars:
+                break
+            small.append(doc)
+            chars += len(doc)
         _write_jsonl(out / f"{domain}.jsonl", train)
-        _write_jsonl(out / "valid" / f"{domain}.jsonl", valid)
+        _write_jsonl(out / "val" / f"{domain}.jsonl", val)
+        _write_jsonl(out / "test" / f"{domain}.jsonl", test)
+        _write_jsonl(out / "small" / f"{domain}.jsonl", small)
         stats[domain] = {
-            "train_docs": len(train),
-            "train_chars": sum(map(len, train)),
-            "valid_docs": len(valid),
-            "valid_chars": sum(map(len, valid)),
+            f"{name}_{what}": f(docs)
+            for name, docs in (("train", train), ("val", val), ("test", test), ("small", small))
+            for what, f in (("docs", len), ("chars", lambda d: sum(map(len, d))))
         }
     return stats
 
 
 def corpus_files(corpus_dir: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
-    """domain -> (training file, held-out file) of a corpus written by :func:`build_corpus`."""
+    """domain -> (training file, validation file) of a corpus written by :func:`build_corpus` (what the
+    tokenizer and the teacher read: the test files are read by nothing here)."""
     d = Path(corpus_dir)
-    return {dom: (d / f"{dom}.jsonl", d / "valid" / f"{dom}.jsonl") for dom in DOMAINS}
+    return {dom: (d / f"{dom}.jsonl", d / "val" / f"{dom}.jsonl") for dom in DOMAINS}

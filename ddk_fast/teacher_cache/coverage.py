@@ -31,6 +31,7 @@ def _mixer(cfg, active: list[int]) -> DomainMixer:
     return DomainMixer(
         len(active), k.mixing, k.alpha, k.smoothing, static, factor=k.factor,
         factor_temperature=k.factor_temperature, max_weight=max(k.max_weight, 1.0 / len(active)),
+        min_weight=k.min_weight if k.min_weight * len(active) < 1 else 0.0,
     )  # fmt: skip
 
 

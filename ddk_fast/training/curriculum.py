@@ -99,6 +99,7 @@ def subset_weights(mixer, active: list[int], student, teacher, restart: bool) ->
         factor_temperature=mixer.factor_temperature,
         max_weight=max(mixer.max_weight, 1.0 / n),
         weights=previous,
+        min_weight=mixer.min_weight if mixer.min_weight * n < 1 else 0.0,
     )
     w = sub.update(-1, [student[i] for i in active], [teacher[i] for i in active])
     full = [0.0] * mixer.num_domains

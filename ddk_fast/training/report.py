@@ -59,8 +59,9 @@ def write_report(
     if result.collapsed_updates:
         lines += [
             "",
-            f"**Warning:** {result.collapsed_updates} weight update(s) gave one domain more than 0.9 of the "
-            "mix (the factor collapsed). With large student-teacher gaps use `[ddk] factor = "
+            f"**Warning:** {result.collapsed_updates} weight update(s) had a factor giving one domain more "
+            "than 0.9 before the floor (the factor collapsed). With large student-teacher gaps use "
+            "`[ddk] factor = "
             '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
         ]
     lines += _hidden_section(run / "metrics.jsonl", names)

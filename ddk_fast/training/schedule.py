@@ -51,6 +51,7 @@ class DomainSchedule:
             factor=cfg.ddk.factor,
             factor_temperature=cfg.ddk.factor_temperature,
             max_weight=cfg.ddk.max_weight,
+            min_weight=cfg.ddk.min_weight,
         )
         self.sampler = DomainSampler(
             [dom.train for dom in self.domains],
@@ -141,15 +142,17 @@ class DomainSchedule:
             "step %d domain weights: %s", step, ", ".join(f"{n} {w:.3f}" for n, w in zip(self.names, weights))
         )
         if self.mixer.collapsed and cur.num_active(step) > 1:
-            top = max(range(len(weights)), key=weights.__getitem__)
+            share = self.mixer.factor_share or weights
+            top = max(range(len(share)), key=share.__getitem__)
             log.warning(
-                "step %d: the DDK factor collapsed onto domain %s (weight %.3f > %.1f): the next %d steps "
-                "train almost only on it. With large student-teacher gaps prefer [ddk] factor = "
-                '"excess_loss" (or a larger factor_temperature, or max_weight < 1).',
+                "step %d: the DDK factor collapsed onto domain %s (factor share %.3f > %.1f before the "
+                "floor; weight %.3f for the next %d steps). With large student-teacher gaps prefer [ddk] "
+                'factor = "excess_loss" (or a larger factor_temperature, or max_weight < 1).',
                 step,
                 self.names[top],
-                weights[top],
+                share[top],
                 COLLAPSE_WEIGHT,
+                weights[top],
                 self.cfg.ddk.interval,
             )
         return weights
@@ -165,7 +168,8 @@ class DomainSchedule:
     def collapsed_updates(self) -> int:
         n_active = self.curriculum.num_active
         return sum(
-            n_active(h["step"]) > 1 and max(h["weights"]) > COLLAPSE_WEIGHT for h in self.mixer.history
+            n_active(h["step"]) > 1 and max(h.get("factor", h["weights"])) > COLLAPSE_WEIGHT
+            for h in self.mixer.history
         )
 
     # -- accounting and state ---------------------------------------------------------------------

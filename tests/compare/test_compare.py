@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from ddk_fast.compare import ARMS, score, weight_oscillation
+from ddk_fast.compare import (
+    ARMS,
+    BEST_FIXED_GRID,
+    fixed_mix,
+    paired_interval,
+    score,
+    t975,
+    weight_oscillation,
+)
 from ddk_fast.compare.__main__ import main
-from ddk_fast.compare.report import paired, verdicts
+from ddk_fast.compare.stats import paired, paired_intervals
 from ddk_fast.demo.__main__ import prepare_demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +46,9 @@ def test_quick_comparison_writes_results_report_and_plots(quick):
     assert res["seeds"] == [0] and res["setting"]["quick"] and res["setting"]["commit"] is not None
     assert res["domains"] == ["code", "docs", "arithmetic", "structured", "logs"]
     assert [r["arm"] for r in res["runs"]] == list(ARMS)
+    assert set(res["setting"]["arm_configs"]) == set(ARMS) and res["setting"]["best_fixed_grid"]
     for r in res["runs"]:
+        assert r["commit"] is not None and "config" not in r  # the config: once per arm, in the setting
         for key in ("tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights", "weight_oscillation"):
             assert key in r, key
         assert len(r["gap"]) == 5 and r["worst_gap"] == max(r["gap"])
@@ -49,11 +59,21 @@ def test_quick_comparison_writes_results_report_and_plots(quick):
     assert by["uniform"]["weights"][0][1:] == pytest.approx([0.2] * 5)
     static = by["static"]["weights"][0][1:]
     assert static.index(max(static)) == 4  # logs: the largest domain dominates a size-proportional mix
+    temp = by["temperature"]["weights"][0][1:]
+    assert temp.index(max(temp)) == 4 and max(temp) < max(static)  # size^0.3: flatter
+    best = by["best_fixed"]
+    assert best["chosen"] in BEST_FIXED_GRID and best["grid_tokens"] == len(BEST_FIXED_GRID) * best["tokens"]
+    chosen = min(best["grid"], key=lambda g: (g["val_worst_gap"], g["val_mean_gap"]))
+    assert best["chosen"] == chosen["arm"]
+    (iv,) = [x for x in res["intervals"] if (x["treatment"], x["baseline"], x["metric"]) ==
+             ("ddk", "uniform", "worst_gap")]  # fmt: skip
+    assert iv["n"] == 1 and iv["lo"] is None
     assert by["ddk"]["weights"][0][1:] != pytest.approx([0.2] * 5)  # the factor moved the mix
     untrained = res["references"][0]
     assert untrained["arm"] == "untrained" and all(r["mean_gap"] < untrained["mean_gap"] for r in res["runs"])
     report = (root / "out" / "report.md").read_text()
-    assert "Paired by seed" in report and "test** split" in report and "Against the goals" in report
+    assert "Paired by seed" in report and "test** split" in report and "chosen on val" in report
+    assert "| ddk − best_fixed |" in report
     for png in ("gaps.png", "weights.png"):
         assert (root / "out" / png).stat().st_size > 1000
     # one shared init per seed: a folder the arms load, not one each
@@ -99,8 +119,60 @@ def test_summary_maths():
         ],
     }
     assert paired(res, "ddk", "uniform", "worst_gap") == pytest.approx([-0.5, 0.5])
-    (line,) = verdicts(res)
-    assert "worst-domain gap lower in 1/2 seeds" in line and "mean gap no worse in 1/2 seeds" in line
+    rows = paired_intervals(res)
+    assert [(r["treatment"], r["baseline"], r["metric"]) for r in rows] == [
+        ("ddk", "uniform", "mean_gap"),
+        ("ddk", "uniform", "worst_gap"),
+    ]
+    assert rows[1]["verdict"] == "no detectable difference"
+
+
+def test_paired_t_interval_by_hand():
+    # d = (-0.1, -0.3, -0.2, -0.4, -0.5): mean -0.3, sd = sqrt(0.1 / 4) = 0.158114, n = 5, t_{0.975,4} = 2.776
+    # half width = 2.776 * 0.158114 / sqrt(5) = 0.196293 -> [-0.496293, -0.103707]: below 0, "lower"
+    iv = paired_interval([-0.1, -0.3, -0.2, -0.4, -0.5])
+    assert iv["mean"] == pytest.approx(-0.3) and iv["sd"] == pytest.approx(0.1581139, rel=1e-6)
+    assert iv["lo"] == pytest.approx(-0.496293, abs=1e-6) and iv["hi"] == pytest.approx(-0.103707, abs=1e-6)
+    assert iv["verdict"] == "lower"
+    # an interval that covers 0 detects nothing; one above 0 says "higher"
+    assert paired_interval([0.1, -0.1, 0.05])["verdict"] == "no detectable difference"
+    assert paired_interval([0.2, 0.3, 0.25, 0.22])["verdict"] == "higher"
+    assert t975(1) == 12.706 and t975(4) == 2.776 and 1.96 < t975(200) < 1.98
+    with pytest.raises(ValueError, match="df: expected an integer >= 1"):
+        t975(0)
+
+
+def test_fixed_mixes_of_the_new_arms():
+    sizes = [100.0, 100.0, 50.0, 50.0, 700.0]
+    assert fixed_mix("static", sizes) == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.7])
+    w = [x**0.3 for x in sizes]
+    assert fixed_mix("temperature", sizes) == pytest.approx([x / sum(w) for x in w])
+    assert fixed_mix("temperature", sizes, exponent=0.0) == pytest.approx([0.2] * 5)
+    gap0 = [0.5, 2.0, 0.1, 1.0, 0.3]  # docs has the largest step-0 gap, structured the second
+    assert fixed_mix("gap_top1", sizes, gap0) == pytest.approx([0.15, 0.4, 0.15, 0.15, 0.15])
+    assert fixed_mix("gap_top2", sizes, gap0) == pytest.approx([0.4 / 3, 0.3, 0.4 / 3, 0.3, 0.4 / 3])
+    assert fixed_mix("uniform", sizes) is None and fixed_mix("ddk", sizes) is None
+    with pytest.raises(ValueError, match="gap_top1: needs the step-0 val gap"):
+        fixed_mix("gap_top1", sizes)
+    assert set(BEST_FIXED_GRID) == {"uniform", "static", "temperature", "gap_top1", "gap_top2"}
+
+
+def test_best_fixed_is_chosen_on_val_not_test():
+    from ddk_fast.compare import best_fixed_row
+
+    def row(val, test):
+        return {"val_ce": val, "teacher_val_ce": [1.0, 1.0], "test_ce": test, "tokens": 10, "weights": []}
+
+    members = {
+        "uniform": row([1.5, 1.6], [1.0, 1.0]),  # worst val gap 0.6, best on test
+        "static": row([1.2, 1.3], [9.0, 9.0]),  # worst val gap 0.3: chosen, although worst on test
+        "temperature": row([1.3, 1.3], [2.0, 2.0]),  # worst 0.3 too, but a higher mean val gap
+        "gap_top1": row([2.0, 1.0], [1.0, 1.0]),
+        "gap_top2": row([1.0, 2.0], [1.0, 1.0]),
+    }
+    best = best_fixed_row(members, BEST_FIXED_GRID)
+    assert best["arm"] == "best_fixed" and best["chosen"] == "static" and best["test_ce"] == [9.0, 9.0]
+    assert best["grid_tokens"] == 50 and [g["arm"] for g in best["grid"]] == list(BEST_FIXED_GRID)
 
 
 def test_akd_arms_add_their_sections_and_need_them():
@@ -152,3 +224,19 @@ def test_akd_arms_run_with_one_shared_prompt_search(quick):
     assert res["teacher_test_ce"] == by["uniform"]["teacher_test_ce"]
     report = (root / "akd" / "report.md").read_text()
     assert "AKD arms, paired by seed" in report and "| akd_hidden − uniform |" in report
+
+
+def test_old_demo_assets_are_refused_with_the_rebuild_command(tmp_path, capsys):
+    """Assets from before the held-out files (a corpus folder with a stamp but no val/ or test/): exit 2,
+    naming the command that rebuilds them."""
+    old = tmp_path / "demo"
+    (old / "teacher").mkdir(parents=True)
+    (old / "corpus").mkdir()
+    (old / "corpus" / ".stamp.json").write_text('{"step": "corpus", "version": 2}\n')
+    for d in ("code", "docs", "arithmetic", "structured", "logs"):
+        (old / "corpus" / f"{d}.jsonl").write_text('{"text": "x"}\n')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace(".cache/demo", str(old)))
+    assert main(["--config", str(cfg), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "val_files" in err and f"python -m ddk_fast.demo --out {old}" in err

@@ -26,6 +26,8 @@ class Dom:  # the fields prepare_domains reads from config.DomainConfig
     weight: float = 1.0
     format: str = "auto"
     text_unit: str = "file"
+    val_files: list = field(default_factory=list)
+    test_files: list = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,45 @@ def test_val_and_test_are_disjoint_whole_document_sets(tmp_path, files, tokenize
         files[:1], tokenizer, tmp_path / "c2", seq_len=16, val_sequences=2, test_sequences=1, seed=3
     )[0]
     np.testing.assert_array_equal(other.val.tokens, out.val.tokens)
+
+
+def test_held_out_files_give_val_and_test_and_every_file_document_trains(tmp_path, tokenizer):
+    """A domain naming val_files / test_files: train = every document of `files`, val and test = the first
+    documents of their own files (file order) covering the split sizes; the files are in the cache key."""
+    paths = {}
+    for name, seed, n in (("train", 10, 40), ("val", 11, 30), ("test", 12, 30)):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(seed, n)))
+    dom = Dom("web", [str(paths["train"])], val_files=[str(paths["val"])], test_files=[str(paths["test"])])
+    (out,) = prepare_domains(
+        [dom], tokenizer, tmp_path / "cache", seq_len=16, val_sequences=2, test_sequences=3
+    )
+
+    def docs(shard):
+        return [tuple(shard.doc(i).tolist()) for i in range(shard.num_docs)]
+
+    def enc(seed, n):
+        return [tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in _texts(seed, n)]
+
+    assert docs(out.train) == enc(10, 40)  # every training document, none held out
+    val, test = docs(out.val), docs(out.test)
+    assert val == enc(11, 30)[: len(val)] and test == enc(12, 30)[: len(test)]
+    assert (
+        out.val.num_tokens + out.val.num_docs >= 2 * 17 and out.test.num_tokens + out.test.num_docs >= 3 * 17
+    )
+    # a changed held-out file is a new cache entry
+    paths["test"].write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(13, 30)))
+    (again,) = prepare_domains(
+        [dom], tokenizer, tmp_path / "cache", seq_len=16, val_sequences=2, test_sequences=3
+    )
+    assert not again.reused and docs(again.test) == enc(13, 30)[: again.test.num_docs]
+    # too little held-out text, or only one of the two keys: errors that name the key
+    too_little = r"\[data.domains\[0\]\] test_files: expected enough text for a test split"
+    with pytest.raises(ConfigError, match=too_little):
+        prepare_domains([dom], tokenizer, tmp_path / "c3", seq_len=16, val_sequences=2, test_sequences=400)
+    half = Dom("web", [str(paths["train"])], val_files=[str(paths["val"])])
+    with pytest.raises(ConfigError, match=r"\[data.domains\[0\]\] test_files"):
+        prepare_domains([half], tokenizer, tmp_path / "c4", seq_len=16, val_sequences=2)
 
 
 def test_cache_reuse_and_invalidation(tmp_path, files, tokenizer, caplog):

@@ -33,23 +33,65 @@ def test_corpus_is_deterministic_with_four_nonempty_domains(tmp_path):
     a, b = _file_bytes(tmp_path / "a"), _file_bytes(tmp_path / "b")
     assert a == b
     assert len(DOMAINS) >= 4
-    assert set(a) == {f"{d}.jsonl" for d in DOMAINS} | {f"valid/{d}.jsonl" for d in DOMAINS}
+    assert set(a) == {f"{sub}{d}.jsonl" for d in DOMAINS for sub in ("", "val/", "test/", "small/")}
     for d in DOMAINS:
         train = read_jsonl(tmp_path / "a" / f"{d}.jsonl")
-        valid = read_jsonl(tmp_path / "a" / "valid" / f"{d}.jsonl")
-        assert train and valid
-        assert all(isinstance(t, str) and t.strip() for t in train + valid)
+        val = read_jsonl(tmp_path / "a" / "val" / f"{d}.jsonl")
+        test = read_jsonl(tmp_path / "a" / "test" / f"{d}.jsonl")
+        small = read_jsonl(tmp_path / "a" / "small" / f"{d}.jsonl")
+        assert train and val and test and small
+        assert all(isinstance(t, str) and t.strip() for t in train + val + test)
         assert sum(map(len, train)) >= 0.8 * s.chars(d)
+        assert sum(map(len, test)) >= s.test_chars and sum(map(len, val)) >= s.val_chars
         assert len({len(t) for t in train}) > 1, f"{d}: documents should vary in length"
-        assert not set(train) & set(valid), f"{d}: held-out documents leak into training"
+        assert not set(train) & set(val), f"{d}: validation documents leak into training"
+        assert not set(train) & set(test) and not set(val) & set(test), f"{d}: test documents leak"
+        assert small == train[: len(small)] and sum(map(len, small)) >= s.small_chars
+
+
+def test_tokenizer_and_teacher_never_read_held_out_documents(tmp_path, monkeypatch):
+    """Clean splits: no val or test document is in the text the tokenizer or the teacher trains on, and the
+    teacher reads no test file at all (val only for its own report)."""
+    import ddk_fast.demo.teacher as teacher_mod
+    import ddk_fast.demo.tokenizer as tokenizer_mod
+
+    seen_tok: list[str] = []
+    real_train_tokenizer = tokenizer_mod.train_tokenizer
+
+    def spy_tokenizer(texts, settings):
+        seen_tok.extend(texts)
+        return real_train_tokenizer(texts, settings)
+
+    read_by_teacher: list[str] = []
+    real_read = teacher_mod.read_jsonl
+
+    def spy_read(path):
+        read_by_teacher.append(str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(tokenizer_mod, "train_tokenizer", spy_tokenizer)
+    monkeypatch.setattr(teacher_mod, "read_jsonl", spy_read)
+    paths = prepare_demo(tmp_path, tiny=True, progress=False)
+    held = set()
+    for d in DOMAINS:
+        held |= set(read_jsonl(paths["val"] / f"{d}.jsonl")) | set(read_jsonl(paths["test"] / f"{d}.jsonl"))
+    assert seen_tok and not held & set(seen_tok)
+    corpus = paths["corpus"]
+    assert sorted(read_by_teacher) == sorted(
+        [str(corpus / f"{d}.jsonl") for d in DOMAINS] + [str(corpus / "val" / f"{d}.jsonl") for d in DOMAINS]
+    )
+    train_text = set()
+    for d in DOMAINS:
+        train_text |= set(read_jsonl(corpus / f"{d}.jsonl"))
+    assert not held & train_text
 
 
 def test_domains_have_their_own_content():
     s = CorpusSettings.tiny()
-    code, _ = generate_domain("code", s)
-    docs, _ = generate_domain("docs", s)
-    arith, _ = generate_domain("arithmetic", s)
-    struct, _ = generate_domain("structured", s)
+    code, _, _ = generate_domain("code", s)
+    docs, _, _ = generate_domain("docs", s)
+    arith, _, _ = generate_domain("arithmetic", s)
+    struct, _, _ = generate_domain("structured", s)
     assert any("def " in t or "import " in t for t in code)
     assert not set(code) & set(docs)
     line = arith[0].splitlines()[0]
@@ -105,7 +147,7 @@ def test_teacher_trained_saved_and_reloads(demo):
         if isinstance(mod, torch.nn.Linear):
             assert mod.in_features % 64 == 0 and mod.out_features % 64 == 0, name
     # the reloaded model reproduces the reported validation loss on a batch of its own data
-    ids = tok(read_jsonl(demo["valid"] / "arithmetic.jsonl")[0], return_tensors="pt")["input_ids"][:, :32]
+    ids = tok(read_jsonl(demo["val"] / "arithmetic.jsonl")[0], return_tensors="pt")["input_ids"][:, :32]
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss < report["initial_valid_loss"]["arithmetic"] - 0.5

@@ -133,4 +133,56 @@ def test_mixer_excess_loss_cap_and_collapse_flag():
     assert paper.collapsed
     robust = DomainMixer(2, "ddk", factor="excess_loss", factor_temperature=1.0, max_weight=0.7)
     w = robust.update(0, s, t)
-    assert max(w) == pytest.approx(0.7) and not robust.collapsed
+    # the weights are capped, but the factor before the floor and the cap put 0.98 on one domain
+    assert max(w) == pytest.approx(0.7) and robust.collapsed
+    assert max(robust.history[-1]["factor"]) == pytest.approx(
+        torch.softmax(torch.tensor([4.0, 0.0]), 0)[0].item()
+    )
+
+
+def test_collapse_warning_can_fire_at_the_default_alpha():
+    """At α = 0.5 with five domains no final weight can exceed 0.6 (the floor), so the collapse check reads
+    the factor before the floor: one domain ahead by 2 nats at τ = 0.5 gives it a factor share > 0.9."""
+    s, t = [4.0, 2.0, 2.0, 2.0, 2.0], [2.0] * 5
+    mixer = DomainMixer(5, "ddk", factor="excess_loss", factor_temperature=0.5, alpha=0.5)
+    w = mixer.update(0, s, t)
+    assert max(w) < 0.6 and mixer.collapsed and mixer.history[-1]["factor"][0] > 0.9
+    calm = DomainMixer(5, "ddk", factor="excess_loss", factor_temperature=0.5, alpha=0.5)
+    calm.update(0, [2.2, 2.0, 2.1, 2.0, 2.0], t)
+    assert not calm.collapsed
+
+
+def test_min_weight_lets_a_pushed_down_domain_recover():
+    """α = 1 (no uniform floor): without min_weight a domain pushed down for a few intervals ends ~1e-100 and
+    cannot come back when its gap becomes the largest; with the default floor (1e-3) it can."""
+    from ddk_fast.ddk import DEFAULT_MIN_WEIGHT, floor_weights
+
+    t = [1.0, 1.0, 1.0]
+
+    def run(min_weight):
+        m = DomainMixer(
+            3, "ddk", factor="excess_loss", factor_temperature=0.1, alpha=1.0, min_weight=min_weight
+        )
+        for step in range(6):  # domain 0 far behind: domains 1 and 2 pushed down
+            m.update(step, [6.0, 1.0, 1.0], t)
+        low = m.weights[1]
+        m.update(6, [1.0, 3.0, 1.0], t)  # now domain 1 has the largest gap
+        return low, m.weights[1]
+
+    low, after = run(0.0)
+    assert low < 1e-100 and after < 0.5
+    low, after = run(DEFAULT_MIN_WEIGHT)
+    assert low >= DEFAULT_MIN_WEIGHT - 1e-15 and after > 0.9
+    w = floor_weights(torch.tensor([1.0, 0.0, 0.0]), 0.01)
+    assert w.tolist() == pytest.approx([0.98, 0.01, 0.01]) and w.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="min_weight: expected less than 1/N"):
+        floor_weights(torch.tensor([0.5, 0.5]), 0.5)
+
+
+def test_paper_factor_ignores_min_weight():
+    s, t = [6.0, 2.0, 2.5], [2.0, 2.0, 2.0]
+    m = DomainMixer(3, "ddk", factor="paper", min_weight=0.05)
+    r0 = m.update(0, s, t)
+    assert r0 == pytest.approx(domain_discrepancy(s, t).tolist()) and min(r0) < 0.05
+    r1 = m.update(1, s, t)
+    assert r1 == pytest.approx(smooth_domain_weights(r0, s, t, 0.5).tolist())
