@@ -87,8 +87,9 @@ def test_finished_runs_are_reused(quick, capsys):
     root, args, res = quick
     (done,) = (root / "out" / "runs").glob("uniform-s0-*/run_result.json")
     mtime = done.stat().st_mtime
-    # a sweep over a DDK-only key reuses the uniform run and trains a second ddk run beside the first
-    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.factor_temperature=2.0"]) == 0
+    # a sweep over a DDK-only key (one the ddk arm does not pin) reuses the uniform run and trains a second
+    # ddk run beside the first
+    assert main([*args, "--arms", "ddk,uniform", "--set", "ddk.max_weight=0.9"]) == 0
     again = json.loads((root / "out" / "results.json").read_text())
     by = {r["arm"]: r for r in again["runs"]}
     first = {r["arm"]: r for r in res["runs"]}
