@@ -32,7 +32,11 @@ the step, logging, the next batch), median of ``timed`` steps after ``warmup`` s
 reads VmRSS when loaded (its models, optimizer not yet built), resets the peak (``5 > /proc/self/clear_refs``)
 and reads VmHWM after warm-up and after the last step: ``peak_mb`` = the higher peak minus the loaded RSS.
 glibc is told to ``mmap`` allocations >= 64 KiB (as ``bench.harness.peak_memory_subprocess``), in every arm.
-Then ``profile`` more ddk_fast steps run with timers around each part (``e2e_profile`` rows).
+Then ``profile`` more steps of each arm run with timers around its parts (``e2e_profile`` rows): ddk_fast's
+teacher forward, student forward, fused loss forward, the loss's and the student's backward (split by a hook
+on the student's final hidden states), clipping, the finite-flag host read, the optimizer, the metrics row,
+the sampler; the Hugging Face arms' forwards (with logits), loss, backward and optimizer. The arms' process
+side (their loops, the models, the step-by-step protocol) is ``bench/e2e_arms.py``.
 
     pytest bench/bench_e2e.py --benchmark-disable -q     # smoke (CI): V 512, 8 x 2 tokens, 1 step per arm
     pytest bench/bench_e2e.py --benchmark-only -q -s     # the real run: writes bench/results/e2e.{jsonl,csv}
@@ -165,6 +169,8 @@ def run_e2e(mode: str = "real", arms=ARMS) -> dict:
             for r in range(rounds):
                 for arm in arms:
                     steps[arm].append(children[arm].command("step"))
+                took = ", ".join(f"{a} {steps[a][-1]['seconds']:.2f} s" for a in arms)
+                print(f"bench_e2e round {r + 1}/{rounds}: {took}", file=sys.stderr, flush=True)
                 if r == shape["warmup"] - 1 or shape["warmup"] == 0 and r == 0:
                     marks = {a: children[a].command("mark") for a in arms} if shape["warmup"] else {}
             profile = {a: [children[a].command("profile") for _ in range(shape["profile"])] for a in arms}
