@@ -194,7 +194,7 @@ def fused_linear_kd_loss(
             call. False: no check (out-of-range labels are then clamped).
         backend: ``auto`` (triton on CUDA, torch on CPU) | ``triton`` | ``torch``; the env var
             ``DDK_FAST_LOSS_BACKEND`` overrides.
-        chunk_size: rows per chunk of the torch path (default: ~32 MiB fp32 tiles, at least 128 rows).
+        chunk_size: rows per chunk of the torch path (default: ~32 MiB fp32 tiles, at least 256 rows).
 
     Shape:
         ``student_hidden [B, T, H_s]`` or ``[N, H_s]``, ``student_weight [V_s, H_s]``, ``teacher_hidden`` with

@@ -28,7 +28,7 @@ Gradient w.r.t. the tempered student logits z = s/T, g_j = dD/dq_j: ``dD/dz_j = 
 and the CE gradient is ``softmax(s) - onehot(y)``.
 
 Memory: everything is chunked over tokens (``chunk_size`` rows at a time, default sized so a chunk's
-``[chunk, V]`` fp32 tile is ~32 MiB, at least 128 rows); the gradient is computed in the forward pass per
+``[chunk, V]`` fp32 tile is ~32 MiB, at least 256 rows); the gradient is computed in the forward pass per
 chunk (gradient-in-forward), so autograd saves only the ``[N, H]`` / ``[V, H]`` gradients, never a
 ``[N, V]`` tensor. On CPU this is cheaper than recomputing the logits in backward: the teacher matmul is done
 once (see docs/kernels.md for the measurement). The peak is a few tiles (:func:`peak_extra_bytes`): the
@@ -71,10 +71,11 @@ from .params import (  # noqa: F401  (re-exported: the names used to live here)
 )
 
 # default chunk: a [chunk, V] fp32 tile of this many elements (32 MiB), but at least _MIN_ROWS rows: each
-# chunk re-reads both [V, H] heads, and below ~128 rows the matmuls are bound by that read (measured on CPU:
-# 12 GFLOP/s at 27 rows vs 27 at 128, V 151936, H 512)
+# chunk re-reads both [V, H] heads, and on few rows the matmuls are bound by that read (measured on 2 CPU
+# cores, V 151936, H 512: 12 GFLOP/s at 27 rows, 27 at 128, 30 at 256; the fused loss at 128 / 512 rows
+# took 30 / 24 s, bench/e2e_diagnostics.py)
 _CHUNK_ELEMENTS = 1 << 23
-_MIN_ROWS = 128
+_MIN_ROWS = 256
 # live [chunk, V] fp32 tiles at the peak of a chunk: 4 for forward_kl (3 with kd_weight 0), 8 for the others
 _PEAK_TILES_FORWARD_KL = 4
 _PEAK_TILES_OTHER = 8
@@ -87,7 +88,7 @@ NO_HIGHER_ORDER = (
 
 
 def auto_chunk_size(n: int, vocab: int) -> int:
-    """Rows per chunk when the caller gives none: ~32 MiB fp32 tiles, at least 128 rows (at most n)."""
+    """Rows per chunk when the caller gives none: ~32 MiB fp32 tiles, at least 256 rows (at most n)."""
     return max(1, min(n, max(_MIN_ROWS, _CHUNK_ELEMENTS // max(vocab, 1))))
 
 

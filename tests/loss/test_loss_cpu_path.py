@@ -80,8 +80,8 @@ def test_first_eager_call_imports_no_compiler_machinery():
 
 def test_chunk_default_and_documented_bound():
     assert auto_chunk_size(2048, 32000) == (1 << 23) // 32000  # ~32 MiB tiles
-    assert auto_chunk_size(2048, 151936) == 128  # at least 128 rows at large vocabularies
+    assert auto_chunk_size(2048, 151936) == 256  # at least 256 rows at large vocabularies
     assert auto_chunk_size(50, 151936) == 50
     bound = peak_extra_bytes(2048, 32000, 512)
-    assert bound == 4 * (4 * 262 * 32000 + 2048 * 512 + 8 * 2048)
+    assert bound == 4 * (4 * 262 * 32000 + 2048 * 512 + 8 * 2048)  # 262 = 2**23 // 32000
     assert peak_extra_bytes(2048, 32000, 512, divergence="jsd") > bound
