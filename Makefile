@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo demo-cached compare compare-pilot compare-akd compare-quick akd onpolicy test bench lint ext clean
+.PHONY: setup demo demo-cached compare compare-pilot compare-akd compare-onpolicy compare-quick akd onpolicy test bench lint ext clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,13 @@ compare-akd: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --arms $(AKD_ARMS) --out bench/results/compare/paper-like-akd --work runs/compare-paper-like
 	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --arms $(AKD_ARMS) --out bench/results/compare/large-gap-akd --work runs/compare-large-gap
+
+# On-policy distillation (issue 21): λ = 0.5 and 1, with DDK and uniform mixing, against the off-policy ddk
+# and uniform runs of `make compare` (reused when finished); every arm also gets the on-policy measure.
+ONPOLICY_ARMS := ddk,uniform,onpolicy_ddk,onpolicy_uniform,onpolicy1_ddk,onpolicy1_uniform
+compare-onpolicy: setup
+	$(BIN)/python -m ddk_fast.demo --out .cache/demo
+	OMP_NUM_THREADS=1 $(BIN)/python -m ddk_fast.compare --config examples/compare.toml --arms $(ONPOLICY_ARMS) --out bench/results/compare/paper-like-onpolicy --work runs/compare-paper-like
 
 compare-quick: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo

@@ -7,9 +7,10 @@ import hashlib
 import json
 import logging
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..config import build_config
+from ..config.onpolicy import OnPolicyConfig
 from ..errors import ConfigError
 
 
@@ -20,7 +21,9 @@ class Arm:
     ``sections``: config sections it sets (``[ddk]``, ``[loss]``); ``mix``: a fixed mix computed per seed by
     :func:`fixed_mix` (``size``, ``temperature``, ``gap_top1``, ``gap_top2``), None when ``sections`` (or
     DDK) decide; ``akd``: the ``[compare.akd]`` sections it adds; ``grid``: the arms ``best_fixed`` chooses
-    among (on val); ``default``: in the default arm list (``[compare] arms`` unset)."""
+    among (on val); ``default``: in the default arm list (``[compare] arms`` unset); ``onpolicy``: the
+    ``[onpolicy] fraction`` λ of an on-policy arm (its other keys come from ``[compare.onpolicy]``), 0 for
+    off-policy; ``control``: the off-policy arm it is paired with (the same mix, λ = 0)."""
 
     doc: str
     sections: dict = field(default_factory=dict)
@@ -28,6 +31,8 @@ class Arm:
     akd: tuple[str, ...] = ()
     grid: tuple[str, ...] = ()
     default: bool = True
+    onpolicy: float = 0.0
+    control: str | None = None
 
 
 # The `ddk` arm: the excess-loss factor with the setting the val pilot chose (`python -m
@@ -92,21 +97,52 @@ ARM_TABLE: dict[str, Arm] = {
     "akd_ddk": Arm(
         "all three AKD parts with DDK (as the ddk arm)", {"ddk": _DDK}, akd=_AKD_ALL, default=False
     ),
+    # on-policy arms (issue 21): the mix of their control, a share λ of every step's sequences continued by
+    # the student (KD only on its tokens); the loss is the setting's, so the pair differs in λ alone
+    "onpolicy_ddk": Arm(
+        "the ddk arm with λ = 0.5 on-policy ([compare.onpolicy])",
+        {"ddk": _DDK},
+        default=False,
+        onpolicy=0.5,
+        control="ddk",
+    ),
+    "onpolicy_uniform": Arm(
+        "the uniform arm with λ = 0.5 on-policy", _UNIFORM, default=False, onpolicy=0.5, control="uniform"
+    ),
+    "onpolicy1_ddk": Arm(
+        "the ddk arm, every sequence on-policy (λ = 1)",
+        {"ddk": _DDK},
+        default=False,
+        onpolicy=1.0,
+        control="ddk",
+    ),
+    "onpolicy1_uniform": Arm(
+        "the uniform arm, every sequence on-policy (λ = 1)",
+        _UNIFORM,
+        default=False,
+        onpolicy=1.0,
+        control="uniform",
+    ),
 }
 ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.default)
+ONPOLICY_ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.onpolicy > 0)
 AKD_ARMS = tuple(a for a, spec in ARM_TABLE.items() if spec.akd)
 _UNUSED_DDK_KEYS = {
     "ddk": frozenset({"min_weight"}),  # read by excess_loss only: see _identity
     "fixed": frozenset({"factor", "factor_temperature", "max_weight", "alpha", "smoothing", "min_weight"}),
 }
-_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps", "akd", "temperature_exponent"}
+_COMPARE_KEYS = {"name", "arms", "seeds", "quick_steps", "akd", "temperature_exponent", "onpolicy"}
+# [compare.onpolicy]: the [onpolicy] keys of the on-policy arms and of the on-policy measure (every arm's);
+# the fraction is the arm's
+ONPOLICY_KEYS = frozenset(f.name for f in fields(OnPolicyConfig)) - {"fraction"}
 log = logging.getLogger("ddk_fast.compare")
 
 
-def arm_overrides(arm: str, akd: dict | None = None) -> dict[str, dict]:
+def arm_overrides(arm: str, akd: dict | None = None, onpolicy: dict | None = None) -> dict[str, dict]:
     """The config sections an arm changes (on top of the comparison's base config). ``akd``: the
-    ``[compare.akd]`` table (``hidden``, ``curriculum``, ``teacher_prompt`` sections) the AKD arms add.
-    ``best_fixed`` changes nothing itself (it is one of its grid members)."""
+    ``[compare.akd]`` table (``hidden``, ``curriculum``, ``teacher_prompt`` sections) the AKD arms add;
+    ``onpolicy``: the ``[compare.onpolicy]`` table, the ``[onpolicy]`` section of an on-policy arm with its
+    λ. ``best_fixed`` changes nothing itself (it is one of its grid members)."""
     if arm not in ARM_TABLE:
         raise ConfigError("compare.arms", arm, f"one of {', '.join(ARM_TABLE)}")
     spec = ARM_TABLE[arm]
@@ -118,6 +154,8 @@ def arm_overrides(arm: str, akd: dict | None = None) -> dict[str, dict]:
                 "compare.akd", sorted(akd), f"a [compare.akd.{section}] table for the {arm} arm"
             )
         over[section] = dict(akd[section])
+    if spec.onpolicy > 0:
+        over["onpolicy"] = {**(onpolicy or {}), "fraction": spec.onpolicy}
     return over
 
 
@@ -167,6 +205,12 @@ def split_compare_table(raw: dict) -> tuple[dict, dict]:
     comp.setdefault("quick_steps", 40)
     comp.setdefault("akd", {})
     comp.setdefault("temperature_exponent", 0.3)
+    comp.setdefault("onpolicy", {})
+    op = comp["onpolicy"]
+    if not isinstance(op, dict) or any(k not in ONPOLICY_KEYS for k in op):
+        raise ConfigError(
+            "compare.onpolicy", op, f"a table of the [onpolicy] keys {sorted(ONPOLICY_KEYS)} (λ is the arm's)"
+        )
     e = comp["temperature_exponent"]
     if not isinstance(e, (int, float)) or not 0 <= e <= 1:
         raise ConfigError("compare.temperature_exponent", e, "a number in [0, 1] (p ∝ size^e)")
@@ -174,7 +218,7 @@ def split_compare_table(raw: dict) -> tuple[dict, dict]:
     if not isinstance(comp["akd"], dict) or any(k not in known for k in comp["akd"]):
         raise ConfigError("compare.akd", comp["akd"], f"a table of the sections {sorted(known)}")
     for arm in comp["arms"]:
-        arm_overrides(arm, comp["akd"])
+        arm_overrides(arm, comp["akd"], op)
     if not comp["seeds"] or not all(isinstance(s, int) and s >= 0 for s in comp["seeds"]):
         raise ConfigError("compare.seeds", comp["seeds"], "a non-empty list of integers >= 0")
     if not isinstance(comp["quick_steps"], int) or comp["quick_steps"] < 2:
@@ -226,6 +270,8 @@ def _identity(resolved: dict) -> dict:
     ddk.factor_temperature=...``) reuses the finished baseline runs instead of training them again."""
     resolved = json.loads(json.dumps(resolved))
     resolved["output"].pop("dir", None)
+    if resolved.get("onpolicy", {}).get("fraction", 0) == 0:  # off: its keys are unread (the defaults stand
+        resolved["onpolicy"] = asdict(OnPolicyConfig())  # in, so runs keyed before they existed stay reused)
     for section in _unused_sections(resolved):
         resolved.pop(section, None)
     ddk = resolved["ddk"]

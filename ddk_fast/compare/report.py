@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .stats import by_arm, interval_text, paired, paired_interval, summary_lines
+from .stats import by_arm, interval_text, onpolicy_intervals, paired, paired_interval, summary_lines
 
 
 def _signed(xs: list[float]) -> str:
@@ -67,6 +67,79 @@ _AKD_PAIRS = (
     ("akd_ddk", "ddk"),
     ("akd_ddk", "uniform"),
 )
+
+
+def onpolicy_lines(results: dict) -> list[str]:
+    """The on-policy arms: the on-policy measure per arm and its reference points, the paired differences
+    against each arm's control, and the cost (seconds per run); nothing when no arm was measured."""
+    runs = by_arm(results)
+    measured = {a: list(p.values()) for a, p in runs.items() if all("cont_ce_mean" in r for r in p.values())}
+    if not measured:
+        return []
+    lam = results["setting"].get("onpolicy_fraction", {})
+    op = results["setting"].get("onpolicy_measure", {})
+    lines = [
+        "",
+        "## On-policy arms",
+        "",
+        "On-policy measure: the teacher's mean CE (nats/token) on the student's own continuations of the "
+        f"test prompts (the first {op.get('prompt_tokens', '?')} tokens of each test sequence, "
+        f"{op.get('max_new_tokens', '?')} new tokens, temperature {op.get('temperature', 1.0)}, top_p "
+        f"{op.get('top_p', 1.0)}, noise keyed by the prompt: every student sees the same). Lower = the "
+        "student writes what the teacher would. Every arm is measured from its final checkpoint. Seconds "
+        "per run: wall time of the training loop (machine shared with other jobs: a rough cost).",
+        "",
+        "| arm | λ | continuation CE (mean ± sd over seeds) | "
+        + " | ".join(results["domains"])
+        + " | s/run |",
+        "|---|---|---|" + "---|" * len(results["domains"]) + "---|",
+    ]
+    for arm, rs in measured.items():
+        dom = [_ms([r["cont_ce"][i] for r in rs]) for i in range(len(results["domains"]))]
+        secs = [r["wall_seconds"] for r in rs if "wall_seconds" in r]
+        cost = f"{statistics.mean(secs):.0f}" if secs else "-"
+        lines.append(
+            f"| {arm} | {lam.get(arm, 0)} | {_ms([r['cont_ce_mean'] for r in rs])} | "
+            + " | ".join(dom)
+            + f" | {cost} |"
+        )
+    refs = [r["onpolicy_measure"] for r in results.get("references", []) if "onpolicy_measure" in r]
+    if refs:
+        lines.append(
+            f"| untrained student | - | {_ms([r['student']['cont_ce_mean'] for r in refs])} | "
+            + " | ".join(
+                _ms([r["student"]["cont_ce"][i] for r in refs]) for i in range(len(results["domains"]))
+            )
+            + " | - |"
+        )
+        lines.append(
+            f"| teacher's own continuations | - | {_ms([r['teacher']['cont_ce_mean'] for r in refs])} | "
+            + " | ".join(
+                _ms([r["teacher"]["cont_ce"][i] for r in refs]) for i in range(len(results["domains"]))
+            )
+            + " | - |"
+        )
+    intervals = results.get("onpolicy_intervals") or onpolicy_intervals(results)
+    if intervals:
+        lines += [
+            "",
+            "Paired by seed, on-policy arm − its off-policy control (negative = the on-policy arm lower), "
+            "mean [95 % paired-t interval]:",
+            "",
+            "| on-policy − control | n | Δ mean test gap | Δ worst test gap | Δ continuation CE |",
+            "|---|---|---|---|---|",
+        ]
+        pairs: dict[tuple[str, str], dict[str, dict]] = {}
+        for row in intervals:
+            pairs.setdefault((row["treatment"], row["baseline"]), {})[row["metric"]] = row
+        for (treat, base), m in pairs.items():
+            cells = [
+                f"{interval_text(m[k])} ({m[k]['verdict']})" if k in m else "-"
+                for k in ("mean_gap", "worst_gap", "cont_ce_mean")
+            ]
+            n = max(r["n"] for r in m.values())
+            lines.append(f"| {treat} − {base} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def akd_lines(results: dict) -> list[str]:
@@ -139,6 +212,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
             )
     lines += oscillation_lines(results)
     lines += akd_lines(results)
+    lines += onpolicy_lines(results)
     _plot_gaps(results, out / "gaps.png")
     _plot_weights(results, out / "weights.png")
     lines += ["", "![per-domain test gap](gaps.png)", "", "![weights](weights.png)", ""]

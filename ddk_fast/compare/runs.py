@@ -34,8 +34,9 @@ from .arms import (
     run_key,
     short_hash,
 )
+from .onpolicy import measure_run, measure_untrained
 from .report import write_compare_report
-from .stats import paired_intervals, summary_lines
+from .stats import onpolicy_intervals, paired_intervals, summary_lines
 
 log = logging.getLogger("ddk_fast.compare")
 
@@ -124,12 +125,14 @@ def run_arm(
     akd: dict | None = None,
     gap0: list[float] | None = None,
     exponent: float = 0.3,
+    onpolicy: dict | None = None,
 ) -> dict:
     """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
     ``[compare.akd]`` table (AKD arms); ``gap0``: the seed's step-0 val gaps (``gap_top*`` arms);
-    ``exponent``: of the ``temperature`` arm."""
+    ``exponent``: of the ``temperature`` arm; ``onpolicy``: the ``[compare.onpolicy]`` table (on-policy
+    arms). The row's ``run_dir`` and ``raw`` (the run's config) are for the caller, not results.json."""
 
-    raw = merge_sections(raw, arm_overrides(arm, akd))
+    raw = merge_sections(raw, arm_overrides(arm, akd, onpolicy))
     raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
     if ARM_TABLE[arm].mix is not None:
         raw = with_weights(raw, fixed_mix(arm, domain_sizes(raw), gap0, exponent))
@@ -142,7 +145,7 @@ def run_arm(
     if done.exists():
         row = json.loads(done.read_text())
         if row.get("settings_hash") == key:
-            return row
+            return {**row, "run_dir": str(run_dir), "raw": raw}
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a partial or stale run: start it again
     cfg = build_config(raw)
@@ -171,8 +174,10 @@ def run_arm(
         "commit": git_commit(),  # the code that trained this run
         "config": cfg.to_dict(),  # its full resolved config (AKD sections included)
     }
+    if result.onpolicy:
+        row["onpolicy"] = {k: v for k, v in result.onpolicy.items() if k != "test_continuation_teacher_ce"}
     done.write_text(json.dumps(row) + "\n")
-    return row
+    return {**row, "run_dir": str(run_dir), "raw": raw}
 
 
 def untrained_row(raw: dict, seed: int, out: Path) -> dict:
@@ -250,6 +255,8 @@ def compare(
     rows, refs = [], []
     t0 = time.perf_counter()
     order = training_order(arms)
+    op = comp.get("onpolicy", {})
+    measure = any(ARM_TABLE[a].onpolicy > 0 for a in arms)  # every arm is measured when one is on-policy
     exponent = comp.get("temperature_exponent", 0.3)
     bar = tqdm(total=len(seeds) * (len(order) + 1), unit="run", desc=f"compare {comp['name']}")
     try:
@@ -258,11 +265,16 @@ def compare(
             bar.set_postfix_str(f"seed {seed} untrained")
             refs.append(untrained_row(seeded, seed, work))
             bar.update(1)
+            if measure:  # the on-policy measure's reference points
+                refs[-1]["onpolicy_measure"] = measure_untrained(seeded, work / "runs" / f"init-s{seed}", op)
             trained: dict[str, dict] = {}
             for arm in order:
                 bar.set_postfix_str(f"seed {seed} {arm}")
                 gap0 = step0_gap(trained["uniform"]) if ARM_TABLE[arm].mix in _GAP_MIXES else None
-                trained[arm] = run_arm(seeded, arm, seed, work, comp["akd"], gap0, exponent)
+                trained[arm] = run_arm(seeded, arm, seed, work, comp["akd"], gap0, exponent, op)
+                if measure:
+                    m = measure_run(trained[arm]["raw"], Path(trained[arm]["run_dir"]), op)
+                    trained[arm].update(cont_ce=m["cont_ce"], cont_ce_mean=m["cont_ce_mean"])
                 bar.update(1)
                 gaps = [s - t for s, t in zip(trained[arm]["test_ce"], trained[arm]["teacher_test_ce"])]
                 bar.write(
@@ -283,6 +295,7 @@ def compare(
         "quick": quick,
         "arms": arms,
         "arm_table": {a: ARM_TABLE[a].doc for a in arms},
+        "onpolicy_fraction": {a: ARM_TABLE[a].onpolicy for a in arms},
         "best_fixed_grid": list(BEST_FIXED_GRID),
         "temperature_exponent": exponent,
         "config": cfg_dump,
@@ -295,9 +308,13 @@ def compare(
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     domains = [d["name"] for d in raw["data"]["domains"]]
-    rows = [{k: v for k, v in r.items() if k != "config"} for r in rows]  # in setting.arm_configs
+    drop = ("config", "raw", "run_dir")  # the config: in setting.arm_configs
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in rows]
     results = summarise(setting, seeds, domains, rows, refs)
     results["intervals"] = paired_intervals(results)
+    if measure:
+        setting["onpolicy_measure"] = op
+        results["onpolicy_intervals"] = onpolicy_intervals(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_compare_report(results, out)
     print("\n".join(summary_lines(results)))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from .arms import ARM_TABLE
+
 # Arms whose effect is measured (the treatments) and what each is measured against (the baselines). A pair is
 # reported when both arms are in a comparison.
 TREATMENTS = (
@@ -109,6 +111,40 @@ def paired_intervals(results: dict) -> list[dict]:
                          **paired_interval(diffs)}
                     )  # fmt: skip
     return out
+
+
+# on-policy arm − its control (``Arm.control``): the test gaps, and the on-policy measure (the teacher's CE
+# on the student's continuations of the test prompts, ``compare/onpolicy.py``)
+ONPOLICY_METRICS = ("mean_gap", "worst_gap", "cont_ce_mean")
+
+
+def onpolicy_intervals(results: dict) -> list[dict]:
+    """Every on-policy arm − its control present (paired by seed), for the mean and the worst test gap and
+    the on-policy measure: the ``onpolicy_intervals`` of results.json (rows as :func:`paired_intervals`)."""
+    runs = by_arm(results)
+    out = []
+    for arm in runs:
+        spec = ARM_TABLE.get(arm)
+        if spec is None or spec.onpolicy == 0 or spec.control not in runs:
+            continue
+        for metric in ONPOLICY_METRICS:
+            diffs = _paired_present(results, arm, spec.control, metric)
+            if diffs:
+                out.append(
+                    {"treatment": arm, "baseline": spec.control, "metric": metric, "diffs": diffs,
+                     **paired_interval(diffs)}
+                )  # fmt: skip
+    return out
+
+
+def _paired_present(results: dict, arm: str, base: str, key: str) -> list[float]:
+    runs = by_arm(results)
+    a, b = runs.get(arm, {}), runs.get(base, {})
+    return [
+        a[s][key] - b[s][key]
+        for s in results["seeds"]
+        if s in a and s in b and a[s].get(key) is not None and b[s].get(key) is not None
+    ]
 
 
 def _ms(xs: list[float]) -> str:
