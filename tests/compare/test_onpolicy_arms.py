@@ -34,7 +34,9 @@ def test_onpolicy_arms_are_opt_in_and_set_fraction_and_keys():
         over = arm_overrides(arm, None, OP)
         assert over["onpolicy"] == {**OP, "fraction": spec.onpolicy}
         assert over["ddk"] == ARM_TABLE[spec.control].sections["ddk"]  # the control's mix, λ apart
-        cfg = build_config({**_raw(), **{k: {**_raw().get(k, {}), **v} for k, v in over.items()}})
+        cfg = build_config(
+            {**_raw(), **{k: {**_raw().get(k, {}), **v} for k, v in over.items()}}, check_paths=False
+        )
         assert cfg.onpolicy.fraction == spec.onpolicy and cfg.onpolicy.prompt_tokens == 8
     assert ARM_TABLE["onpolicy_ddk"].onpolicy == 0.5 and ARM_TABLE["onpolicy1_uniform"].onpolicy == 1.0
     assert "onpolicy" not in arm_overrides("ddk", None, OP)
