@@ -103,8 +103,10 @@ def subset_weights(mixer, active: list[int], student, teacher, restart: bool) ->
     )
     w = sub.update(-1, [student[i] for i in active], [teacher[i] for i in active])
     full = [0.0] * mixer.num_domains
-    for i, x in zip(active, w):
-        full[i] = float(x)
+    share = [0.0] * mixer.num_domains  # the factor before the floor, for the collapse check and history
+    for i, x, f in zip(active, w, sub.factor_share or [0.0] * n):
+        full[i], share[i] = float(x), float(f)
+    mixer.factor_share = share if sub.factor_share else []
     return full
 
 

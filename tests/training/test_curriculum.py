@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from ddk_fast.config import build_config, dump_toml
-from ddk_fast.ddk import excess_loss_discrepancy, smooth_excess_loss_weights
+from ddk_fast.ddk import (
+    DEFAULT_MIN_WEIGHT,
+    excess_loss_discrepancy,
+    floor_weights,
+    smooth_excess_loss_weights,
+)
 from ddk_fast.errors import ConfigError
 from ddk_fast.models import objective as objective_mod
 from ddk_fast.training import checkpoint as ckpt
@@ -244,10 +249,12 @@ def test_ddk_weights_over_the_active_domains_with_the_replay_floor(three):
     w4 = smooth_excess_loss_weights([w2[0], w2[1]], *sub(4, [0, 1]), 0.5, 0.5)
     assert h[4]["weights"] == pytest.approx(_floor(scatter(w4, [0, 1]), [0], 0.6), abs=1e-12)
     # step 5, stage 3: smoothing restarts from r_0 over all three; arith + words keep >= 0.6
-    w5 = _floor(excess_loss_discrepancy(*sub(5, [0, 1, 2]), 0.5, 0.5).tolist(), [0, 1], 0.6)
+    # (three active domains: the min_weight floor of the excess-loss factor applies, 1e-3 by default)
+    r0 = floor_weights(excess_loss_discrepancy(*sub(5, [0, 1, 2]), 0.5, 0.5), DEFAULT_MIN_WEIGHT)
+    w5 = _floor(r0.tolist(), [0, 1], 0.6)
     assert h[5]["weights"] == pytest.approx(w5, abs=1e-12)
-    w6 = smooth_excess_loss_weights(w5, *sub(6, [0, 1, 2]), 0.5, 0.5).tolist()
-    assert h[6]["weights"] == pytest.approx(_floor(w6, [0, 1], 0.6), abs=1e-12)
+    w6 = floor_weights(smooth_excess_loss_weights(w5, *sub(6, [0, 1, 2]), 0.5, 0.5), DEFAULT_MIN_WEIGHT)
+    assert h[6]["weights"] == pytest.approx(_floor(w6.tolist(), [0, 1], 0.6), abs=1e-12)
     for x in t.mixer.history:
         assert sum(x["weights"]) == pytest.approx(1.0, abs=1e-12)
         if x["step"] >= 2:
