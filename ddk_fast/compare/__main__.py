@@ -6,11 +6,15 @@ normal run of the library's own loop (:class:`~ddk_fast.training.trainer.Trainer
 student on the ``test`` split, which no arm ever steers on or is chosen on. The arms are the rows of
 ``ARM_TABLE`` (``arms.py``): ``ddk``, ``ddk_paper``, ``ddk_nosmooth``, ``uniform``, ``static`` (∝ size),
 ``temperature`` (∝ size^e), ``best_fixed`` (the best of a declared grid of fixed mixes, chosen on val), ``ce``
-(no KD), and the opt-in ``gap_top1``, ``gap_top2`` and ``akd*`` arms. ``stats.py`` pairs every treatment with
-every baseline by seed, with 95 % paired-t intervals; the same table is printed and written.
+(no KD), and the opt-in ``gap_top1``, ``gap_top2``, ``akd*`` and on-policy arms (``onpolicy_ddk``,
+``onpolicy_uniform`` at λ = 0.5, ``onpolicy1_*`` at λ = 1: with one, every arm also gets the on-policy
+measure of ``onpolicy.py`` and each on-policy arm is paired with its off-policy control). ``stats.py``
+pairs every treatment with every baseline by seed, with 95 % paired-t intervals; the same table is
+printed and written.
 
 The config file is a normal ``run.toml`` plus a ``[compare]`` table (``name``, ``arms``, ``seeds``,
-``quick_steps``, ``temperature_exponent``, and ``akd``: the AKD sections the ``akd*`` arms add). Outputs
+``quick_steps``, ``temperature_exponent``, ``akd``: the AKD sections the ``akd*`` arms add, and
+``onpolicy``: the ``[onpolicy]`` keys, λ apart, of the on-policy arms and of the measure). Outputs
 in ``--out``: ``results.json`` (schema in :func:`summarise`), ``report.md`` and two plots (small files, to
 commit).
 The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
