@@ -67,8 +67,11 @@ def make_config(assets: str, run_dir: str, provider: str):
     a = Path(assets)
     raw["model"]["teacher"] = str(a / "teacher")
     raw["data"]["cache_dir"] = str(a / "shards")
+    raw["data"]["val_sequences"] = 4  # the --tiny assets hold ~9 val sequences per domain; not timed here
     for dom in raw["data"]["domains"]:
-        dom["files"] = [str(a / "corpus" / Path(f).name) for f in dom["files"]]
+        for key in ("files", "val_files", "test_files"):  # .cache/demo/corpus/[val/|test/]<domain>.jsonl
+            if key in dom:
+                dom[key] = [str(a / Path(f).relative_to(".cache/demo")) for f in dom[key]]
     raw["onpolicy"].update(fraction=fraction, generate_batch_size=gbs)
     raw["output"] = {"dir": run_dir, "progress": False, "tensorboard": False}
     raw["train"].update(device="cpu", max_steps=1000, warmup_steps=2)
