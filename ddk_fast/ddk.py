@@ -20,6 +20,8 @@ __all__ = [
     "smooth_excess_loss_weights",
     "DomainMixer",
     "floor_weights",
+    "minimax_shares",
+    "collapse_advice",
 ]
 
 # The factor (before the (1 − α)/N floor, the cap and min_weight) giving one domain more than this share is
@@ -110,6 +112,13 @@ def floor_weights(weights: torch.Tensor, min_weight: float) -> torch.Tensor:
     return (1.0 - n * min_weight) * w + min_weight
 
 
+def collapse_advice(factor: str) -> str:
+    """What to change when the factor collapsed onto one domain (the log line and the run report)."""
+    if factor == "paper":
+        return 'With large student-teacher gaps use [ddk] factor = "excess_loss" (or max_weight < 1).'
+    return "Use a larger [ddk] factor_temperature, a smaller alpha (more uniform floor) or max_weight < 1."
+
+
 def _check_alpha_tau(alpha: float, temperature: float) -> None:
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
@@ -171,6 +180,52 @@ def smooth_excess_loss_weights(
     return _smooth(previous, _gaps(student_losses, teacher_losses) / temperature, alpha)
 
 
+def minimax_shares(gaps, progress) -> torch.Tensor:
+    """The mix that minimises the largest predicted gap after the next interval (``factor = "minimax"``).
+
+    Model: over one interval a domain's gap falls by ``progress[i] · w[i]`` (its measured fall per unit of
+    weight, linear in its share). ``min_w max_i (g_i − ρ_i w_i)`` over the simplex is water-filling: a level
+    c with ``w_i = max(0, (g_i − c) / ρ_i)`` and ``Σ w_i = 1`` (found by bisection; Σ w is decreasing in c).
+
+    Args:
+        gaps: [N] current gaps g (nats).
+        progress: [N] ρ > 0, nats of gap closed per unit of weight over one interval.
+    Returns:
+        [N] float64 shares summing to 1 (0 for domains already below the level).
+    """
+    g = torch.as_tensor(gaps, dtype=torch.float64).flatten()
+    rho = torch.as_tensor(progress, dtype=torch.float64).flatten()
+    if g.shape != rho.shape or not (rho > 0).all() or not torch.isfinite(g).all():
+        raise ValueError(f"minimax_shares: expected finite gaps and positive progress, got {g}, {rho}")
+    lo = float((g - rho).min())  # at c = min(g − ρ): Σ w >= 1 (the domain attaining it alone has w = 1)
+    hi = float(g.max())  # at c = max(g): Σ w = 0
+    for _ in range(100):
+        c = 0.5 * (lo + hi)
+        if float(((g - c).clamp(min=0) / rho).sum()) > 1.0:
+            lo = c
+        else:
+            hi = c
+    w = (g - lo).clamp(min=0) / rho
+    return w / w.sum()
+
+
+# ρ of a domain whose gap did not fall (or rose) is set to this share of the largest ρ: it learns slowly,
+# so it gets weight only while it is far behind (ρ <= 0 would make it a bottomless sink or a domain never fed)
+MINIMAX_MIN_PROGRESS = 0.05
+
+
+def _progress(prev_gaps, gaps, prev_weights, min_weight: float) -> torch.Tensor | None:
+    """ρ_i = (g_prev − g) / w_prev: gap closed per unit of weight over the last interval; None when no
+    domain's gap fell (nothing to extrapolate: the caller takes an excess-loss step instead)."""
+    fall = torch.as_tensor(prev_gaps, dtype=torch.float64) - gaps
+    w = torch.as_tensor(prev_weights, dtype=torch.float64).clamp(min=max(min_weight, 1e-3))
+    rho = fall / w
+    top = float(rho.max())
+    if not (top > 0 and math.isfinite(top)):
+        return None
+    return rho.clamp(min=MINIMAX_MIN_PROGRESS * top)
+
+
 @dataclass
 class DomainMixer:
     """The trainer's domain-weight policy: DDK (with or without smoothing), uniform or static.
@@ -181,9 +236,12 @@ class DomainMixer:
     DDK factors: ``"paper"`` is Eq. 1 / Eq. 2 exactly (softmax of perplexity ratios exp(CE_S − CE_T));
     ``"excess_loss"`` uses the gap CE_S − CE_T over a temperature, with the uniform floor from r_0 on, and
     keeps every domain at ``min_weight`` or more (:func:`floor_weights`; the paper factor stays exact, no
-    floor), so that at α = 1 no domain is pushed to ~1e-280 and left there. ``max_weight`` < 1 caps any one
-    domain's weight (either factor). ``collapsed`` is True when the last update's factor, before the floor
-    and the cap, gave one domain more than ``COLLAPSE_WEIGHT`` (``history[k]["factor"]``).
+    floor), so that at α = 1 no domain is pushed to ~1e-280 and left there. ``"minimax"`` starts as
+    ``excess_loss`` (r_0) and then mixes in :func:`minimax_shares`: the shares that minimise the largest gap
+    predicted for the next interval from each domain's measured gap fall per unit of weight
+    (docs/ddk_factors.md). ``max_weight`` < 1 caps any one domain's weight (any factor). ``collapsed`` is
+    True when the last update's factor, before the floor and the cap, gave one domain more than
+    ``COLLAPSE_WEIGHT`` (``history[k]["factor"]``).
     """
 
     num_domains: int
@@ -213,18 +271,33 @@ class DomainMixer:
                 r0 = domain_discrepancy(student_losses, teacher_losses)  # r_0 (Eq. 1): no floor
                 return r0, r0
             log_factor = _ratio(student_losses, teacher_losses)
-        elif self.factor == "excess_loss":
+        elif self.factor in ("excess_loss", "minimax"):
             _check_alpha_tau(self.alpha, self.factor_temperature)
-            log_factor = _gaps(student_losses, teacher_losses) / self.factor_temperature
+            gaps = _gaps(student_losses, teacher_losses)
+            log_factor = gaps / self.factor_temperature
             if first:
                 psi = torch.softmax(log_factor, dim=0)
                 return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
+            rho = self._minimax_progress(gaps) if self.factor == "minimax" else None
+            if rho is not None:
+                psi = minimax_shares(gaps, rho)
+                return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
         else:
-            raise ValueError(f"factor: expected 'paper' or 'excess_loss', got {self.factor!r}")
+            raise ValueError(f"factor: expected 'paper', 'excess_loss' or 'minimax', got {self.factor!r}")
         if not (0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha: expected a number in [0, 1], got {self.alpha}")
         psi = _smooth_factor(self.weights, log_factor)
         return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
+
+    def _minimax_progress(self, gaps: torch.Tensor) -> torch.Tensor | None:
+        """ρ from the last recorded update (its gaps and the weights used since), None without one."""
+        if not self.history:
+            return None
+        last = self.history[-1]
+        prev = _gaps(last["student_loss"], last["teacher_loss"])
+        if prev.shape != gaps.shape:
+            return None
+        return _progress(prev, gaps, last["weights"], self.min_weight)
 
     def update(self, step: int, student_losses, teacher_losses) -> list[float]:
         if self.mode != "ddk":
@@ -232,7 +305,7 @@ class DomainMixer:
             self.factor_share = []
         else:
             w, psi = self._factor(student_losses, teacher_losses)
-            if self.factor == "excess_loss":
+            if self.factor != "paper":
                 w = floor_weights(w, self.min_weight)
             new = cap_weights(w, self.max_weight).tolist()
             self.factor_share = psi.tolist()

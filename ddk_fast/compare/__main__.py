@@ -19,7 +19,9 @@ in ``--out``: ``results.json`` (schema in :func:`summarise`), ``report.md`` and 
 commit).
 The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
 ``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the same
-settings hash) is reused, so an interrupted comparison continues where it stopped.
+settings hash) is reused, so an interrupted comparison continues where it stopped. ``--reuse
+results.json`` (repeatable) takes the runs of an earlier comparison of the same config whose settings hash
+matches instead of training them: a new arm is added to a finished comparison at the cost of its own runs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="results folder (default: the work folder)")
     p.add_argument("--work", help="folder for the runs (default: runs/compare-<name>[-quick])")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="take matching runs (same arm, seed, settings hash) from an earlier results.json of this config",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -70,7 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or f"runs/compare-{comp['name']}{'-quick' if args.quick else ''}")
         out = Path(args.out) if args.out else work
         cmd = "python -m ddk_fast.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-        return compare(raw, comp, seeds, arms, work, out, quick=args.quick, command=cmd)
+        return compare(
+            raw,
+            comp,
+            seeds,
+            arms,
+            work,
+            out,
+            quick=args.quick,
+            command=cmd,
+            reuse=[Path(r) for r in args.reuse],
+        )
     except (ConfigError, ValueError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,17 @@ ARM_TABLE: dict[str, Arm] = {
         "Eq. 1 recomputed every interval, no smoothing (the paper's ablation)",
         {"ddk": {**_PAPER, "smoothing": False}},
     ),
+    # factor variants (issue 20 item 5, docs/ddk_factors.md): not in the default list
+    "ddk_nocap": Arm(
+        "DDK, excess-loss factor at α = 1: no uniform floor capping the hard domains, min_weight only",
+        {"ddk": {**_DDK, "alpha": 1.0}},
+        default=False,
+    ),
+    "ddk_minimax": Arm(
+        "DDK, minimax factor: the mix minimising the largest predicted gap, [ddk] τ and α of the config",
+        {"ddk": {**_DDK, "factor": "minimax"}},
+        default=False,
+    ),
     "uniform": Arm("KD, equal domain weights", _UNIFORM),
     "static": Arm("KD, weights proportional to training tokens (a concatenated dataset)", _FIXED, "size"),
     "temperature": Arm(

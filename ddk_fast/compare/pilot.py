@@ -32,6 +32,9 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "tau1.0": ("ddk", {"factor_temperature": 1.0}),
     "tau0.5-alpha0.8": ("ddk", {"factor_temperature": 0.5, "alpha": 0.8}),
     "paper": ("ddk_paper", {}),
+    # factor variants (issue 20 item 5), added after the first pilot, under the same rule
+    "tau0.5-alpha1.0": ("ddk", {"factor_temperature": 0.5, "alpha": 1.0}),
+    "minimax-alpha0.8": ("ddk_minimax", {"factor_temperature": 0.5, "alpha": 0.8}),
 }
 MEAN_MARGIN = 0.01  # nats: a candidate's mean val gap may exceed uniform's by at most this
 

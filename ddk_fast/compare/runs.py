@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import build_config
 from ..data import prepare_config_domains
 from ..distributed import resolve_device
+from ..errors import ConfigError
 from ..models.loading import (
     ensure_student_init,
     load_teacher,
@@ -126,11 +127,14 @@ def run_arm(
     gap0: list[float] | None = None,
     exponent: float = 0.3,
     onpolicy: dict | None = None,
+    prior: dict | None = None,
 ) -> dict:
     """Train one arm for one seed (or reuse its finished result); returns its result row. ``akd``: the
     ``[compare.akd]`` table (AKD arms); ``gap0``: the seed's step-0 val gaps (``gap_top*`` arms);
     ``exponent``: of the ``temperature`` arm; ``onpolicy``: the ``[compare.onpolicy]`` table (on-policy
-    arms). The row's ``run_dir`` and ``raw`` (the run's config) are for the caller, not results.json."""
+    arms); ``prior``: this arm and seed's row of an earlier ``results.json`` (``--reuse``), taken when its
+    settings hash is this run's. The row's ``run_dir`` and ``raw`` (the run's config) are for the caller,
+    not results.json."""
 
     raw = merge_sections(raw, arm_overrides(arm, akd, onpolicy))
     raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
@@ -141,6 +145,8 @@ def run_arm(
     key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
     run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
     raw = merge_sections(raw, {"output": {"dir": str(run_dir)}})
+    if prior is not None and prior.get("settings_hash") == key:
+        return {**prior, "run_dir": "", "raw": raw}
     done = run_dir / "run_result.json"
     if done.exists():
         row = json.loads(done.read_text())
@@ -178,6 +184,42 @@ def run_arm(
         row["onpolicy"] = {k: v for k, v in result.onpolicy.items() if k != "test_continuation_teacher_ce"}
     done.write_text(json.dumps(row) + "\n")
     return {**row, "run_dir": str(run_dir), "raw": raw}
+
+
+_SCORED = ("gap", "mean_gap", "worst_gap", "weight_oscillation")
+
+
+def load_prior(paths: list[Path], raw: dict) -> dict[tuple[str, int], dict]:
+    """The runs of earlier ``results.json`` files of the same comparison (``--reuse``), by (arm, seed).
+
+    A file is accepted only when its base config (``setting.config``) is this comparison's; each row is then
+    reused only when its settings hash equals the run's (:func:`run_arm`), so a changed default, arm or
+    section trains again. ``best_fixed`` rows are reused whole (with their grid's val choice)."""
+    prior: dict[tuple[str, int], dict] = {}
+    base = json.loads(json.dumps(raw))
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+            setting = results["setting"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                "--reuse", str(path), f"a readable results.json of a comparison ({exc})"
+            ) from exc
+        if setting.get("config") != base:
+            diff = sorted(
+                k
+                for k in set(base) | set(setting.get("config") or {})
+                if base.get(k) != (setting.get("config") or {}).get(k)
+            )
+            raise ConfigError(
+                "--reuse", str(path), f"a results.json of this comparison config (sections differ: {diff})"
+            )
+        if setting.get("best_fixed_grid", list(BEST_FIXED_GRID)) != list(BEST_FIXED_GRID):
+            raise ConfigError("--reuse", str(path), f"a results.json with the grid {list(BEST_FIXED_GRID)}")
+        for row in results["runs"]:
+            clean = {k: v for k, v in row.items() if k not in _SCORED}
+            prior.setdefault((row["arm"], int(row["seed"])), {**clean, "reused_from": str(path)})
+    return prior
 
 
 def untrained_row(raw: dict, seed: int, out: Path) -> dict:
@@ -239,7 +281,15 @@ def summarise(
 
 
 def compare(
-    raw: dict, comp: dict, seeds: list[int], arms: list[str], work: Path, out: Path, quick=False, command=""
+    raw: dict,
+    comp: dict,
+    seeds: list[int],
+    arms: list[str],
+    work: Path,
+    out: Path,
+    quick=False,
+    command="",
+    reuse: list[Path] | None = None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -258,6 +308,13 @@ def compare(
     op = comp.get("onpolicy", {})
     measure = any(ARM_TABLE[a].onpolicy > 0 for a in arms)  # every arm is measured when one is on-policy
     exponent = comp.get("temperature_exponent", 0.3)
+    if reuse and measure:
+        raise ConfigError(
+            "--reuse",
+            [str(p) for p in reuse],
+            "no --reuse with on-policy arms (every arm is measured from its run folder)",
+        )
+    prior = load_prior(list(reuse or []), raw)
     bar = tqdm(total=len(seeds) * (len(order) + 1), unit="run", desc=f"compare {comp['name']}")
     try:
         for seed in seeds:
@@ -268,10 +325,13 @@ def compare(
             if measure:  # the on-policy measure's reference points
                 refs[-1]["onpolicy_measure"] = measure_untrained(seeded, work / "runs" / f"init-s{seed}", op)
             trained: dict[str, dict] = {}
-            for arm in order:
+            whole = {a for a in arms if ARM_TABLE[a].grid and (a, seed) in prior}  # reused with its choice
+            for arm in training_order([a for a in arms if a not in whole]):
                 bar.set_postfix_str(f"seed {seed} {arm}")
                 gap0 = step0_gap(trained["uniform"]) if ARM_TABLE[arm].mix in _GAP_MIXES else None
-                trained[arm] = run_arm(seeded, arm, seed, work, comp["akd"], gap0, exponent, op)
+                trained[arm] = run_arm(
+                    seeded, arm, seed, work, comp["akd"], gap0, exponent, op, prior.get((arm, seed))
+                )
                 if measure:
                     m = measure_run(trained[arm]["raw"], Path(trained[arm]["run_dir"]), op)
                     trained[arm].update(cont_ce=m["cont_ce"], cont_ce_mean=m["cont_ce_mean"])
@@ -282,7 +342,10 @@ def compare(
                 )
             for arm in arms:
                 grid = ARM_TABLE[arm].grid
-                rows.append(best_fixed_row(trained, grid) if grid else trained[arm])
+                if arm in whole:
+                    rows.append(prior[(arm, seed)])
+                else:
+                    rows.append(best_fixed_row(trained, grid) if grid else trained[arm])
     finally:
         bar.close()
         quiet.setLevel(level)
@@ -306,6 +369,8 @@ def compare(
         "torch": torch.__version__,
         "command": command,
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "reused_from": [str(p) for p in reuse or []],
+        "reused_runs": sum(1 for r in rows if r.get("reused_from")),
     }
     domains = [d["name"] for d in raw["data"]["domains"]]
     drop = ("config", "raw", "run_dir")  # the config: in setting.arm_configs

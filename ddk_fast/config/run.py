@@ -191,15 +191,17 @@ class DDKConfig:
     interval: int = _opt(1000, "K: steps between student re-evaluations / weight updates (DDK §3)", *_pos_int)
     alpha: float = _opt(0.5, "factor smooth-updating coefficient α of Eq. 2", *_unit)
     smoothing: bool = _opt(True, "false = recompute r from Eq. 1 every interval (the paper's ablation)")
-    factor: Literal["paper", "excess_loss"] = _opt(
+    factor: Literal["paper", "excess_loss", "minimax"] = _opt(
         "excess_loss",
         "paper: Eq. 1/2 exactly, softmax of perplexity ratios exp(CE_S - CE_T); excess_loss: softmax of the "
         "gap (CE_S - CE_T) / factor_temperature with the (1 - alpha)/N floor from r_0 on (robust to gaps of "
-        "several nats, where the paper's factor turns one-hot)",
+        "several nats, where the paper's factor turns one-hot); minimax: excess_loss at r_0, then the mix "
+        "minimising the largest gap predicted from each domain's gap fall per unit of weight (a variant, "
+        "docs/ddk_factors.md)",
     )
     factor_temperature: float = _opt(
         0.5,
-        "τ of the excess_loss factor, in nats (larger = flatter)",
+        "τ of the excess_loss factor (and of minimax's r_0), in nats (larger = flatter)",
         lambda v: v >= 0.01,
         "a number >= 0.01",
     )
@@ -211,9 +213,9 @@ class DDKConfig:
     )
     min_weight: float = _opt(
         1e-3,
-        "excess_loss: every domain keeps at least this weight (w <- (1 - N*m) w + m), so a domain pushed "
-        "down can recover (at alpha = 1 there is no other floor); 0 = none; the paper factor ignores it "
-        "(exact)",
+        "excess_loss and minimax: every domain keeps at least this weight (w <- (1 - N*m) w + m), so a "
+        "domain pushed down can recover (at alpha = 1 there is no other floor); 0 = none; the paper "
+        "factor ignores it (exact)",
         lambda v: 0 <= v < 0.1,
         "a number in [0, 0.1)",
     )

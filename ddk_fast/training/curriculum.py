@@ -100,6 +100,7 @@ def subset_weights(mixer, active: list[int], student, teacher, restart: bool) ->
         max_weight=max(mixer.max_weight, 1.0 / n),
         weights=previous,
         min_weight=mixer.min_weight if mixer.min_weight * n < 1 else 0.0,
+        history=[] if restart or not mixer.history else [_restrict(mixer.history[-1], active)],
     )
     w = sub.update(-1, [student[i] for i in active], [teacher[i] for i in active])
     full = [0.0] * mixer.num_domains
@@ -108,6 +109,11 @@ def subset_weights(mixer, active: list[int], student, teacher, restart: bool) ->
         full[i], share[i] = float(x), float(f)
     mixer.factor_share = share if sub.factor_share else []
     return full
+
+
+def _restrict(entry: dict, active: list[int]) -> dict:
+    """A history entry over the ``active`` domains only (what the minimax factor reads its progress from)."""
+    return {k: [entry[k][i] for i in active] for k in ("weights", "student_loss", "teacher_loss")}
 
 
 def replay_floor(weights: list[float], earlier: list[int], added: list[int], replay: float) -> list[float]:

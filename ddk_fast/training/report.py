@@ -60,9 +60,9 @@ def write_report(
         lines += [
             "",
             f"**Warning:** {result.collapsed_updates} weight update(s) had a factor giving one domain more "
-            "than 0.9 before the floor (the factor collapsed). With large student-teacher gaps use "
-            "`[ddk] factor = "
-            '"excess_loss"`, a larger `factor_temperature` or `max_weight` < 1.',
+            'than 0.9 before the floor (the factor collapsed). With `[ddk] factor = "paper"` and large '
+            'student-teacher gaps use `factor = "excess_loss"`; with the other factors a larger '
+            "`factor_temperature`, a smaller `alpha` or `max_weight` < 1.",
         ]
     lines += _hidden_section(run / "metrics.jsonl", names)
     lines += _onpolicy_section(result.onpolicy, run / "metrics.jsonl", names)

@@ -22,7 +22,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import DomainSampler, prepare_config_domains
-from ..ddk import COLLAPSE_WEIGHT, DomainMixer
+from ..ddk import COLLAPSE_WEIGHT, DomainMixer, collapse_advice
 from ..distributed import ParallelContext
 from ..models.evaluation import ScoreFn
 from .curriculum import Curriculum
@@ -146,14 +146,14 @@ class DomainSchedule:
             top = max(range(len(share)), key=share.__getitem__)
             log.warning(
                 "step %d: the DDK factor collapsed onto domain %s (factor share %.3f > %.1f before the "
-                "floor; weight %.3f for the next %d steps). With large student-teacher gaps prefer [ddk] "
-                'factor = "excess_loss" (or a larger factor_temperature, or max_weight < 1).',
+                "floor; weight %.3f for the next %d steps). %s",
                 step,
                 self.names[top],
                 share[top],
                 COLLAPSE_WEIGHT,
                 weights[top],
                 self.cfg.ddk.interval,
+                collapse_advice(self.cfg.ddk.factor),
             )
         return weights
 

@@ -186,3 +186,61 @@ def test_paper_factor_ignores_min_weight():
     assert r0 == pytest.approx(domain_discrepancy(s, t).tolist()) and min(r0) < 0.05
     r1 = m.update(1, s, t)
     assert r1 == pytest.approx(smooth_domain_weights(r0, s, t, 0.5).tolist())
+
+
+# ------------------------------------------------------------------------------------- the minimax factor
+def test_minimax_shares_equalise_the_predicted_gaps():
+    from ddk_fast.ddk import minimax_shares
+
+    g = torch.tensor([1.0, 0.8, 0.2], dtype=torch.float64)
+    rho = torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64)
+    w = minimax_shares(g, rho)
+    assert w.sum().item() == pytest.approx(1.0)
+    after = g - rho * w
+    fed = w > 1e-9
+    # every fed domain ends at the same level, no unfed one above it: the minimax of g - ρw on the simplex
+    assert torch.allclose(after[fed], after[fed][0].expand(int(fed.sum())), atol=1e-9)
+    assert (after[~fed] <= after[fed][0] + 1e-9).all()
+    assert w[2] == 0  # the easy domain is below the level
+    # brute force over a grid of the simplex: nothing beats it
+    best = min(
+        max((g - rho * torch.tensor([a, b, 1 - a - b], dtype=torch.float64)).tolist())
+        for a in torch.linspace(0, 1, 101).tolist()
+        for b in torch.linspace(0, 1, 101).tolist()
+        if a + b <= 1
+    )
+    assert after.max().item() <= best + 1e-9
+
+
+def test_minimax_factor_feeds_the_domain_that_is_behind_and_not_closing():
+    # interval 1 (r_0): excess loss; interval 2: domain 0's gap fell fast per unit of weight, domain 1's
+    # slowly, so domain 1 (same gap now) is predicted to end higher and gets more weight
+    m = DomainMixer(2, "ddk", alpha=1.0, factor="minimax", factor_temperature=0.5, min_weight=0.0)
+    w0 = m.update(0, [3.0, 3.0], [1.0, 1.0])
+    assert w0 == pytest.approx([0.5, 0.5])
+    w1 = m.update(10, [2.0, 2.9], [1.0, 1.0])  # gaps 1.0 and 1.9: ρ = 2.0 and 0.2
+    assert w1[1] > 0.9 and w1 == pytest.approx(m.factor_share)
+    w2 = m.update(20, [1.5, 1.5], [1.0, 1.0])  # equal gaps; ρ = 0.5 / w1[0] (large) and 1.4 / w1[1]
+    assert 0 < w2[0] < w2[1]
+
+
+def test_minimax_factor_without_progress_takes_an_excess_loss_step_and_keeps_floors():
+    m = DomainMixer(3, "ddk", alpha=0.8, factor="minimax", factor_temperature=0.5)
+    e = DomainMixer(3, "ddk", alpha=0.8, factor="excess_loss", factor_temperature=0.5)
+    for mixer in (m, e):
+        mixer.update(0, [2.0, 1.5, 1.2], [1.0, 1.0, 1.0])
+        mixer.update(10, [2.1, 1.6, 1.3], [1.0, 1.0, 1.0])  # every gap rose: nothing to extrapolate
+    assert m.weights == pytest.approx(e.weights)
+    m.update(20, [1.0, 1.5, 1.2], [1.0, 1.0, 1.0])  # domain 0 closed fast: the level leaves it out
+    assert min(m.weights) >= (1 - 0.8) / 3 * (1 - 3e-3)  # the (1 - α)/N floor survives
+    assert m.weights[0] == pytest.approx(min(m.weights))
+    assert sum(m.weights) == pytest.approx(1.0)
+
+
+def test_minimax_factor_under_a_curriculum_reads_the_active_domains_history():
+    from ddk_fast.training.curriculum import subset_weights
+
+    m = DomainMixer(3, "ddk", alpha=1.0, factor="minimax", factor_temperature=0.5, min_weight=0.0)
+    m.record(0, [0.5, 0.5, 0.0], [3.0, 3.0, 9.0], [1.0, 1.0, 1.0])
+    w = subset_weights(m, [0, 1], [2.0, 2.9, 9.0], [1.0, 1.0, 1.0], restart=False)
+    assert w[2] == 0.0 and w[1] > 0.9
