@@ -183,9 +183,10 @@ def smooth_excess_loss_weights(
 def minimax_shares(gaps, progress) -> torch.Tensor:
     """The mix that minimises the largest predicted gap after the next interval (``factor = "minimax"``).
 
-    Model: over one interval a domain's gap falls by ``progress[i] · w[i]`` (its measured fall per unit of
-    weight, linear in its share). ``min_w max_i (g_i − ρ_i w_i)`` over the simplex is water-filling: a level
-    c with ``w_i = max(0, (g_i − c) / ρ_i)`` and ``Σ w_i = 1`` (found by bisection; Σ w is decreasing in c).
+    Model: over one interval a domain's gap falls by ``progress[i] · w[i]`` (its fall per unit of weight,
+    linear in its share; the factor passes one fitted ρ for every domain). ``min_w max_i (g_i − ρ_i w_i)``
+    over the simplex is water-filling: a level c with ``w_i = max(0, (g_i − c) / ρ_i)`` and ``Σ w_i = 1``
+    (found by bisection; Σ w is decreasing in c).
 
     Args:
         gaps: [N] current gaps g (nats).
@@ -209,21 +210,28 @@ def minimax_shares(gaps, progress) -> torch.Tensor:
     return w / w.sum()
 
 
-# ρ of a domain whose gap did not fall (or rose) is set to this share of the largest ρ: it learns slowly,
-# so it gets weight only while it is far behind (ρ <= 0 would make it a bottomless sink or a domain never fed)
-MINIMAX_MIN_PROGRESS = 0.05
-
-
-def _progress(prev_gaps, gaps, prev_weights, min_weight: float) -> torch.Tensor | None:
-    """ρ_i = (g_prev − g) / w_prev: gap closed per unit of weight over the last interval; None when no
-    domain's gap fell (nothing to extrapolate: the caller takes an excess-loss step instead)."""
-    fall = torch.as_tensor(prev_gaps, dtype=torch.float64) - gaps
-    w = torch.as_tensor(prev_weights, dtype=torch.float64).clamp(min=max(min_weight, 1e-3))
-    rho = fall / w
-    top = float(rho.max())
-    if not (top > 0 and math.isfinite(top)):
+def _progress(history: list[dict], gaps: torch.Tensor) -> torch.Tensor | None:
+    """ρ: nats of gap closed per unit of weight over one interval, one number for every domain, fitted on all
+    recorded intervals. Each interval's gap falls are regressed on the weights used in it with an intercept
+    per interval (``fall_i = b_t + ρ · w_i``: b_t is what every domain gains from any token, transfer; ρ what
+    its own share adds); None when the weights never differed between domains or ρ <= 0 (then the caller
+    takes an excess-loss step)."""
+    entries = [*history, {"gaps": gaps}]
+    num = den = 0.0
+    for prev, cur in zip(entries, entries[1:]):
+        g0 = prev.get("gaps")
+        g0 = _gaps(prev["student_loss"], prev["teacher_loss"]) if g0 is None else g0
+        g1 = cur.get("gaps")
+        g1 = _gaps(cur["student_loss"], cur["teacher_loss"]) if g1 is None else g1
+        w = torch.as_tensor(prev["weights"], dtype=torch.float64)
+        if g0.shape != g1.shape or w.shape != g1.shape:
+            return None
+        fall, w = g0 - g1, w - w.mean()
+        num += float((w * (fall - fall.mean())).sum())
+        den += float((w * w).sum())
+    if den <= 1e-12 or not num > 0:
         return None
-    return rho.clamp(min=MINIMAX_MIN_PROGRESS * top)
+    return torch.full_like(gaps, num / den)
 
 
 @dataclass
@@ -238,7 +246,7 @@ class DomainMixer:
     keeps every domain at ``min_weight`` or more (:func:`floor_weights`; the paper factor stays exact, no
     floor), so that at α = 1 no domain is pushed to ~1e-280 and left there. ``"minimax"`` starts as
     ``excess_loss`` (r_0) and then mixes in :func:`minimax_shares`: the shares that minimise the largest gap
-    predicted for the next interval from each domain's measured gap fall per unit of weight
+    predicted for the next interval, with the gap fall per unit of weight fitted on the run's own updates
     (docs/ddk_factors.md). ``max_weight`` < 1 caps any one domain's weight (any factor). ``collapsed`` is
     True when the last update's factor, before the floor and the cap, gave one domain more than
     ``COLLAPSE_WEIGHT`` (``history[k]["factor"]``).
@@ -290,14 +298,8 @@ class DomainMixer:
         return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
 
     def _minimax_progress(self, gaps: torch.Tensor) -> torch.Tensor | None:
-        """ρ from the last recorded update (its gaps and the weights used since), None without one."""
-        if not self.history:
-            return None
-        last = self.history[-1]
-        prev = _gaps(last["student_loss"], last["teacher_loss"])
-        if prev.shape != gaps.shape:
-            return None
-        return _progress(prev, gaps, last["weights"], self.min_weight)
+        """ρ from the recorded updates (their gaps and the weights used after each), None without one."""
+        return _progress(self.history, gaps) if self.history else None
 
     def update(self, step: int, student_losses, teacher_losses) -> list[float]:
         if self.mode != "ddk":

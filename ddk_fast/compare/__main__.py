@@ -20,8 +20,9 @@ commit).
 The runs themselves (checkpoints, reports, the shared inits) go to ``--work`` (default
 ``runs/compare-<name>``). A finished run (``<work>/runs/<arm>-s<seed>/run_result.json`` with the same
 settings hash) is reused, so an interrupted comparison continues where it stopped. ``--reuse
-results.json`` (repeatable) takes the runs of an earlier comparison of the same config whose settings hash
-matches instead of training them: a new arm is added to a finished comparison at the cost of its own runs.
+results.json`` (repeatable) takes the runs of an earlier comparison whose settings hash (the resolved config;
+the shared initialisation's path is part of it, so use the same ``--work``) matches the run's instead of
+training them: a new arm joins a finished comparison, even on a new machine, at the cost of its own runs.
 """
 
 from __future__ import annotations

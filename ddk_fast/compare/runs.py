@@ -118,6 +118,29 @@ def searched_prompts(raw: dict, out: Path) -> Path:
     return path
 
 
+def arm_run_config(
+    raw: dict,
+    arm: str,
+    seed: int,
+    out: Path,
+    akd: dict | None = None,
+    gap0: list[float] | None = None,
+    exponent: float = 0.3,
+    onpolicy: dict | None = None,
+) -> tuple[dict, str, Path]:
+    """(the run's config, its settings hash, its run folder) for one arm and seed (arguments of
+    :func:`run_arm`); trains nothing (a teacher-prompt arm runs the shared prompt search once)."""
+    raw = merge_sections(raw, arm_overrides(arm, akd, onpolicy))
+    raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
+    if ARM_TABLE[arm].mix is not None:
+        raw = with_weights(raw, fixed_mix(arm, domain_sizes(raw), gap0, exponent))
+    if "teacher_prompt" in arm_overrides(arm, akd) and not raw["teacher_prompt"].get("use"):
+        raw = merge_sections(raw, {"teacher_prompt": {"use": str(searched_prompts(raw, out))}})
+    key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
+    run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
+    return merge_sections(raw, {"output": {"dir": str(run_dir)}}), key, run_dir
+
+
 def run_arm(
     raw: dict,
     arm: str,
@@ -136,15 +159,7 @@ def run_arm(
     settings hash is this run's. The row's ``run_dir`` and ``raw`` (the run's config) are for the caller,
     not results.json."""
 
-    raw = merge_sections(raw, arm_overrides(arm, akd, onpolicy))
-    raw = merge_sections(raw, {"train": {"seed": seed}, "output": {"progress": False}})
-    if ARM_TABLE[arm].mix is not None:
-        raw = with_weights(raw, fixed_mix(arm, domain_sizes(raw), gap0, exponent))
-    if "teacher_prompt" in arm_overrides(arm, akd) and not raw["teacher_prompt"].get("use"):
-        raw = merge_sections(raw, {"teacher_prompt": {"use": str(searched_prompts(raw, out))}})
-    key = run_key(raw)  # the run folder is named by it: sweep variants of one arm live side by side
-    run_dir = out / "runs" / f"{arm}-s{seed}-{key[:8]}"
-    raw = merge_sections(raw, {"output": {"dir": str(run_dir)}})
+    raw, key, run_dir = arm_run_config(raw, arm, seed, out, akd, gap0, exponent, onpolicy)
     if prior is not None and prior.get("settings_hash") == key:
         return {**prior, "run_dir": "", "raw": raw}
     done = run_dir / "run_result.json"
@@ -189,37 +204,42 @@ def run_arm(
 _SCORED = ("gap", "mean_gap", "worst_gap", "weight_oscillation")
 
 
-def load_prior(paths: list[Path], raw: dict) -> dict[tuple[str, int], dict]:
-    """The runs of earlier ``results.json`` files of the same comparison (``--reuse``), by (arm, seed).
-
-    A file is accepted only when its base config (``setting.config``) is this comparison's; each row is then
-    reused only when its settings hash equals the run's (:func:`run_arm`), so a changed default, arm or
-    section trains again. ``best_fixed`` rows are reused whole (with their grid's val choice)."""
+def load_prior(paths: list[Path]) -> dict[tuple[str, int], dict]:
+    """The runs of earlier ``results.json`` files (``--reuse``), by (arm, seed). A row is reused only when its
+    settings hash equals the run's (:func:`run_arm`: the resolved config, so a changed default, arm or
+    section trains again); a ``best_fixed`` row whole, when the grid is the same and its chosen member's
+    settings hash is the run's (:func:`reused_best_fixed`)."""
     prior: dict[tuple[str, int], dict] = {}
-    base = json.loads(json.dumps(raw))
     for path in paths:
         try:
             results = json.loads(Path(path).read_text())
-            setting = results["setting"]
+            runs, grid = results["runs"], results["setting"].get("best_fixed_grid")
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(
                 "--reuse", str(path), f"a readable results.json of a comparison ({exc})"
             ) from exc
-        if setting.get("config") != base:
-            diff = sorted(
-                k
-                for k in set(base) | set(setting.get("config") or {})
-                if base.get(k) != (setting.get("config") or {}).get(k)
-            )
-            raise ConfigError(
-                "--reuse", str(path), f"a results.json of this comparison config (sections differ: {diff})"
-            )
-        if setting.get("best_fixed_grid", list(BEST_FIXED_GRID)) != list(BEST_FIXED_GRID):
-            raise ConfigError("--reuse", str(path), f"a results.json with the grid {list(BEST_FIXED_GRID)}")
-        for row in results["runs"]:
+        for row in runs:
+            if row["arm"] == "best_fixed" and grid != list(BEST_FIXED_GRID):
+                continue
             clean = {k: v for k, v in row.items() if k not in _SCORED}
             prior.setdefault((row["arm"], int(row["seed"])), {**clean, "reused_from": str(path)})
     return prior
+
+
+def reused_best_fixed(row: dict, seeded: dict, seed: int, work: Path, trained: dict, exponent: float):
+    """``row`` (an earlier best_fixed row) when its chosen member would be trained with the same settings
+    now, else None (then the grid is trained). ``trained``: the seed's runs so far (``uniform``'s gives the
+    step-0 gaps of the gap mixes)."""
+    chosen = row.get("chosen")
+    if chosen not in BEST_FIXED_GRID:
+        return None
+    gap0 = None
+    if ARM_TABLE[chosen].mix in _GAP_MIXES:
+        if "uniform" not in trained:
+            return None
+        gap0 = step0_gap(trained["uniform"])
+    _, key, _ = arm_run_config(seeded, chosen, seed, work, None, gap0, exponent)
+    return row if row.get("settings_hash") == key else None
 
 
 def untrained_row(raw: dict, seed: int, out: Path) -> dict:
@@ -314,7 +334,7 @@ def compare(
             [str(p) for p in reuse],
             "no --reuse with on-policy arms (every arm is measured from its run folder)",
         )
-    prior = load_prior(list(reuse or []), raw)
+    prior = load_prior(list(reuse or []))
     bar = tqdm(total=len(seeds) * (len(order) + 1), unit="run", desc=f"compare {comp['name']}")
     try:
         for seed in seeds:
@@ -325,7 +345,14 @@ def compare(
             if measure:  # the on-policy measure's reference points
                 refs[-1]["onpolicy_measure"] = measure_untrained(seeded, work / "runs" / f"init-s{seed}", op)
             trained: dict[str, dict] = {}
-            whole = {a for a in arms if ARM_TABLE[a].grid and (a, seed) in prior}  # reused with its choice
+            if any(ARM_TABLE[a].grid and (a, seed) in prior for a in arms) and ("uniform", seed) in prior:
+                trained["uniform"] = run_arm(seeded, "uniform", seed, work, prior=prior[("uniform", seed)])
+            whole = {}  # grid arms reused with their choice: their members are not trained
+            for a in arms:
+                if ARM_TABLE[a].grid and (a, seed) in prior:
+                    row = reused_best_fixed(prior[(a, seed)], seeded, seed, work, trained, exponent)
+                    if row is not None:
+                        whole[a] = row
             for arm in training_order([a for a in arms if a not in whole]):
                 bar.set_postfix_str(f"seed {seed} {arm}")
                 gap0 = step0_gap(trained["uniform"]) if ARM_TABLE[arm].mix in _GAP_MIXES else None
@@ -343,7 +370,7 @@ def compare(
             for arm in arms:
                 grid = ARM_TABLE[arm].grid
                 if arm in whole:
-                    rows.append(prior[(arm, seed)])
+                    rows.append(whole[arm])
                 else:
                     rows.append(best_fixed_row(trained, grid) if grid else trained[arm])
     finally:

@@ -196,8 +196,8 @@ class DDKConfig:
         "paper: Eq. 1/2 exactly, softmax of perplexity ratios exp(CE_S - CE_T); excess_loss: softmax of the "
         "gap (CE_S - CE_T) / factor_temperature with the (1 - alpha)/N floor from r_0 on (robust to gaps of "
         "several nats, where the paper's factor turns one-hot); minimax: excess_loss at r_0, then the mix "
-        "minimising the largest gap predicted from each domain's gap fall per unit of weight (a variant, "
-        "docs/ddk_factors.md)",
+        "minimising the largest gap predicted from the gap fall per unit of weight fitted on the run's "
+        "updates (a variant, docs/ddk_factors.md)",
     )
     factor_temperature: float = _opt(
         0.5,

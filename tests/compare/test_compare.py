@@ -79,6 +79,42 @@ def test_finished_runs_are_reused(quick, capsys):
     assert len(list((root / "out" / "runs").glob("ddk-s0-*"))) == 2
 
 
+def test_reuse_takes_matching_runs_of_an_earlier_results_json(quick, tmp_path, capsys):
+    root, args, res = quick
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(res))  # the fixture's own results (other tests rewrite out/results.json)
+    runs = root / "out" / "runs"
+    before = {p.parent.name: p.stat().st_mtime for p in runs.glob("*/run_result.json")}
+    out = tmp_path / "out"
+    common = [*args, "--out", str(out), "--reuse", str(earlier), "--arms", "uniform,best_fixed,ddk_nocap"]
+    assert main(common) == 0
+    again = json.loads((out / "results.json").read_text())
+    by = {r["arm"]: r for r in again["runs"]}
+    first = {r["arm"]: r for r in res["runs"]}
+    for arm in ("uniform", "best_fixed"):  # taken from the file, not from a run folder or a new run
+        assert by[arm]["test_ce"] == first[arm]["test_ce"] and by[arm]["reused_from"] == str(earlier)
+    assert by["best_fixed"]["chosen"] == first["best_fixed"]["chosen"]
+    after = {p.parent.name: p.stat().st_mtime for p in runs.glob("*/run_result.json")}
+    assert all(after[k] == v for k, v in before.items())  # nothing trained again
+    (new,) = set(after) - set(before)
+    assert new.startswith("ddk_nocap-s0-") and "reused_from" not in by["ddk_nocap"]
+    assert again["setting"]["reused_runs"] == 2
+    assert by["ddk_nocap"]["weights"][0][1:] != pytest.approx([0.2] * 5)
+    # a row whose settings differ from the run's is not taken (here: its hash altered)
+    stale = json.loads(earlier.read_text())
+    for r in stale["runs"]:
+        r["settings_hash"] = "0" * 16
+    earlier.write_text(json.dumps(stale))
+    assert main(common) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["setting"]["reused_runs"] == 0
+    assert not any(r.get("reused_from") for r in again["runs"])
+    (tmp_path / "bad.json").write_text("{}")
+    capsys.readouterr()
+    assert main([*common, "--reuse", str(tmp_path / "bad.json")]) == 2
+    assert "--reuse" in capsys.readouterr().err
+
+
 def test_bad_compare_table_is_a_config_error(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace('"ce"]', '"nonsense"]'))

@@ -212,16 +212,32 @@ def test_minimax_shares_equalise_the_predicted_gaps():
     assert after.max().item() <= best + 1e-9
 
 
-def test_minimax_factor_feeds_the_domain_that_is_behind_and_not_closing():
-    # interval 1 (r_0): excess loss; interval 2: domain 0's gap fell fast per unit of weight, domain 1's
-    # slowly, so domain 1 (same gap now) is predicted to end higher and gets more weight
-    m = DomainMixer(2, "ddk", alpha=1.0, factor="minimax", factor_temperature=0.5, min_weight=0.0)
-    w0 = m.update(0, [3.0, 3.0], [1.0, 1.0])
-    assert w0 == pytest.approx([0.5, 0.5])
-    w1 = m.update(10, [2.0, 2.9], [1.0, 1.0])  # gaps 1.0 and 1.9: ρ = 2.0 and 0.2
-    assert w1[1] > 0.9 and w1 == pytest.approx(m.factor_share)
-    w2 = m.update(20, [1.5, 1.5], [1.0, 1.0])  # equal gaps; ρ = 0.5 / w1[0] (large) and 1.4 / w1[1]
-    assert 0 < w2[0] < w2[1]
+def test_minimax_progress_is_the_pooled_slope_of_gap_falls_on_weights():
+    from ddk_fast.ddk import _progress
+
+    w1, w2 = [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]
+    g0 = torch.tensor([3.0, 2.0, 1.5], dtype=torch.float64)
+    g1 = g0 - (0.4 + 0.5 * torch.tensor(w1, dtype=torch.float64))  # transfer 0.4, ρ 0.5
+    g2 = g1 - (0.1 + 0.5 * torch.tensor(w2, dtype=torch.float64))  # transfer 0.1, ρ 0.5
+    hist = [
+        {"weights": w1, "student_loss": (g0 + 1).tolist(), "teacher_loss": [1.0] * 3},
+        {"weights": w2, "student_loss": (g1 + 1).tolist(), "teacher_loss": [1.0] * 3},
+    ]
+    assert _progress(hist, g2).tolist() == pytest.approx([0.5] * 3)
+    equal = [{**h, "weights": [1 / 3] * 3} for h in hist]  # the weights never differed: ρ unidentifiable
+    assert _progress(equal, g2) is None
+
+
+def test_minimax_factor_feeds_the_domains_above_the_level():
+    m = DomainMixer(3, "ddk", alpha=1.0, factor="minimax", factor_temperature=0.5, min_weight=0.0)
+    m.update(0, [3.0, 2.5, 1.2], [1.0, 1.0, 1.0])  # r_0: the excess-loss softmax, unequal weights
+    w0 = torch.tensor(m.weights, dtype=torch.float64)
+    g1 = torch.tensor([1.8, 1.3, 0.0], dtype=torch.float64) - 1.0 * w0  # all fell 0.2 + ρ w, ρ = 1
+    w1 = m.update(10, (g1 + 1).tolist(), [1.0, 1.0, 1.0])
+    assert w1 == pytest.approx(m.factor_share) and sum(w1) == pytest.approx(1.0)
+    assert w1[2] == 0.0 and w1[0] > w1[1] > 0  # far behind: most; below the level: nothing
+    # the fed domains end level: g - ρw equal (ρ = 1)
+    assert float(g1[0] - w1[0]) == pytest.approx(float(g1[1] - w1[1]))
 
 
 def test_minimax_factor_without_progress_takes_an_excess_loss_step_and_keeps_floors():
@@ -241,6 +257,6 @@ def test_minimax_factor_under_a_curriculum_reads_the_active_domains_history():
     from ddk_fast.training.curriculum import subset_weights
 
     m = DomainMixer(3, "ddk", alpha=1.0, factor="minimax", factor_temperature=0.5, min_weight=0.0)
-    m.record(0, [0.5, 0.5, 0.0], [3.0, 3.0, 9.0], [1.0, 1.0, 1.0])
-    w = subset_weights(m, [0, 1], [2.0, 2.9, 9.0], [1.0, 1.0, 1.0], restart=False)
-    assert w[2] == 0.0 and w[1] > 0.9
+    m.record(0, [0.7, 0.3, 0.0], [3.0, 3.0, 9.0], [1.0, 1.0, 1.0])
+    w = subset_weights(m, [0, 1], [2.0, 2.6, 9.0], [1.0, 1.0, 1.0], restart=False)  # ρ = 0.6 / 0.4
+    assert w[2] == 0.0 and w[1] > w[0] and sum(w) == pytest.approx(1.0)
