@@ -5,7 +5,16 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .stats import by_arm, interval_text, onpolicy_intervals, paired, paired_interval, summary_lines
+from .stats import (
+    GOAL_MARGIN,
+    by_arm,
+    goal_check,
+    interval_text,
+    onpolicy_intervals,
+    paired,
+    paired_interval,
+    summary_lines,
+)
 
 
 def _signed(xs: list[float]) -> str:
@@ -165,6 +174,26 @@ def akd_lines(results: dict) -> list[str]:
     return lines
 
 
+def goal_lines(results: dict) -> list[str]:
+    """The goal of a DDK factor (``stats.goal_check``): the upper ends it reads, and whether all hold."""
+    rows = goal_check(results)
+    if not rows:
+        return []
+    head = [f"{c['metric'].replace('_gap', '')} vs {c['baseline']}" for c in rows[0]["checks"]]
+    lines = [
+        "",
+        f"## Goal: no worse than a fixed mix (upper end of every 95 % interval <= +{GOAL_MARGIN} nats)",
+        "",
+        "| arm | " + " | ".join(head) + " | met |",
+        "|---|" + "---|" * (len(head) + 1),
+    ]
+    for r in rows:
+        his = " | ".join("n/a" if c["hi"] is None else f"{c['hi']:+.4f}" for c in r["checks"])
+        met = "n/a" if r["met"] is None else ("yes" if r["met"] else "no")
+        lines.append(f"| {r['arm']} | {his} | {met} |")
+    return lines
+
+
 def write_compare_report(results: dict, out: Path) -> Path:
     runs = by_arm(results)
     domains = results["domains"]
@@ -195,6 +224,7 @@ def write_compare_report(results: dict, out: Path) -> Path:
         )
         + ".",
     ]
+    lines += goal_lines(results)
     lines += grid_lines(results)
     lines += [
         "",

@@ -23,6 +23,8 @@ TREATMENTS = (
     "ddk",
     "ddk_paper",
     "ddk_nosmooth",
+    "ddk_nocap",
+    "ddk_minimax",
     "akd_hidden",
     "akd_curriculum",
     "akd_prompts",
@@ -30,6 +32,11 @@ TREATMENTS = (
     "akd_ddk",
 )
 BASELINES = ("uniform", "static", "temperature", "best_fixed", "ce")
+# The goal of a DDK factor (issue 20 item 5): its worst gap no worse than each fixed mix's, its mean gap no
+# worse than uniform's, each read as the upper end of the paired 95 % interval <= GOAL_MARGIN nats
+GOAL_WORST_AGAINST = ("uniform", "static", "temperature")
+GOAL_MEAN_AGAINST = ("uniform",)
+GOAL_MARGIN = 0.01
 METRICS = ("mean_gap", "worst_gap")
 
 # t_{0.975, df} for df = 1..30 (two-sided 95 %); beyond, the normal quantile with a first-order correction.
@@ -95,21 +102,37 @@ def paired(results: dict, arm: str, base: str, key: str) -> list[float]:
 
 def paired_intervals(results: dict) -> list[dict]:
     """Every treatment − baseline pair present, for the mean and the worst gap: the ``intervals`` of
-    results.json (``treatment``, ``baseline``, ``metric``, ``diffs`` per seed, ``n``, ``mean``, ``sd``,
-    ``lo``, ``hi``, ``verdict``)."""
+    results.json (``treatment``, ``baseline``, ``metric``, ``diffs`` per seed, ``n``,
+    ``mean``, ``sd``, ``lo``, ``hi``, ``verdict``)."""
     runs = by_arm(results)
     out = []
-    for treat in TREATMENTS:
-        for base in BASELINES:
-            if treat not in runs or base not in runs:
-                continue
-            for metric in METRICS:
-                diffs = paired(results, treat, base, metric)
-                if diffs:
-                    out.append(
-                        {"treatment": treat, "baseline": base, "metric": metric, "diffs": diffs,
-                         **paired_interval(diffs)}
-                    )  # fmt: skip
+    for treat, base in [(t, b) for t in TREATMENTS for b in BASELINES]:
+        if treat not in runs or base not in runs:
+            continue
+        for metric in METRICS:
+            diffs = paired(results, treat, base, metric)
+            if diffs:
+                out.append(
+                    {"treatment": treat, "baseline": base, "metric": metric, "diffs": diffs,
+                     **paired_interval(diffs)}
+                )  # fmt: skip
+    return out
+
+
+def goal_check(results: dict) -> list[dict]:
+    """Per DDK arm present (``ddk*`` treatments): each interval the goal reads (``GOAL_*``), its upper end,
+    and ``met`` (every upper end <= ``GOAL_MARGIN``; None with fewer than two seeds)."""
+    iv = {(r["treatment"], r["baseline"], r["metric"]): r for r in results.get("intervals") or []}
+    out = []
+    for treat in (t for t in TREATMENTS if t.startswith("ddk")):
+        need = [(b, "worst_gap") for b in GOAL_WORST_AGAINST] + [(b, "mean_gap") for b in GOAL_MEAN_AGAINST]
+        rows = [iv.get((treat, b, m)) for b, m in need]
+        if any(r is None for r in rows):
+            continue
+        his = [r["hi"] for r in rows]
+        met = None if any(h is None for h in his) else all(h <= GOAL_MARGIN for h in his)
+        out.append({"arm": treat, "checks": [{"baseline": b, "metric": m, "hi": h} for (b, m), h in
+                                               zip(need, his)], "met": met})  # fmt: skip
     return out
 
 

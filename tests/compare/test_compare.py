@@ -146,6 +146,30 @@ def test_summary_maths():
     assert rows[1]["verdict"] == "no detectable difference"
 
 
+def test_goal_check_reads_the_upper_ends_of_every_interval():
+    from ddk_fast.compare.report import goal_lines
+    from ddk_fast.compare.stats import goal_check
+
+    def runs(arm, worst, mean):
+        return [
+            {"arm": arm, "seed": k, "worst_gap": w, "mean_gap": m}
+            for k, (w, m) in enumerate(zip(worst, mean))
+        ]
+
+    base = [1.0, 1.2, 0.9, 1.1]
+    res = {"seeds": [0, 1, 2, 3], "runs": runs("uniform", base, base) + runs("static", base, base)
+           + runs("temperature", base, base)
+           + runs("ddk", [b - 0.05 for b in base], base)  # lower worst gap everywhere, same mean: met
+           + runs("ddk_nocap", [b + d for b, d in zip(base, (0.02, -0.01, 0.03, 0.0))], base)}  # fmt: skip
+    res["intervals"] = paired_intervals(res)
+    got = {r["arm"]: r for r in goal_check(res)}
+    assert got["ddk"]["met"] is True and got["ddk_nocap"]["met"] is False
+    assert [c["baseline"] for c in got["ddk"]["checks"]] == ["uniform", "static", "temperature", "uniform"]
+    assert got["ddk_nocap"]["checks"][0]["hi"] > 0.01  # mean +0.01, sd 0.018: upper end ~ +0.039
+    text = "\n".join(goal_lines(res))
+    assert "| ddk | -0.0500 | -0.0500 | -0.0500 | +0.0000 | yes |" in text and "| ddk_nocap |" in text
+
+
 def test_paired_t_interval_by_hand():
     # d = (-0.1, -0.3, -0.2, -0.4, -0.5): mean -0.3, sd = sqrt(0.1 / 4) = 0.158114, n = 5, t_{0.975,4} = 2.776
     # half width = 2.776 * 0.158114 / sqrt(5) = 0.196293 -> [-0.496293, -0.103707]: below 0, "lower"
