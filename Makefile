@@ -52,6 +52,9 @@ onpolicy: setup
 
 # "Does DDK help?": eight arms (best_fixed trains a grid of five fixed mixes) x five seeds in three settings
 # (README; each setting one thread, OMP_NUM_THREADS=1). compare-pilot chose the DDK setting on val.
+# one torch thread per comparison run (the measured settings; two comparisons can then share a 2-core box)
+compare compare-pilot compare-akd: export OMP_NUM_THREADS = 1
+
 compare: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --out bench/results/compare/paper-like --work runs/compare-paper-like
@@ -63,12 +66,13 @@ compare-pilot: setup
 	$(BIN)/python -m ddk_fast.compare.pilot --config examples/compare_large_gap.toml --seeds 100,101 --out bench/results/compare/pilot/large-gap
 
 # AKD's parts (hidden states, POCL curriculum, teacher prompts) alone and together, with and without DDK,
-# against the uniform and ddk runs of `make compare` (reused when finished).
+# against the uniform and ddk runs of `make compare` (reused when finished), in the three settings.
 AKD_ARMS := uniform,ddk,akd_hidden,akd_curriculum,akd_prompts,akd,akd_ddk
 compare-akd: setup
 	$(BIN)/python -m ddk_fast.demo --out .cache/demo
 	$(BIN)/python -m ddk_fast.compare --config examples/compare.toml --arms $(AKD_ARMS) --out bench/results/compare/paper-like-akd --work runs/compare-paper-like
 	$(BIN)/python -m ddk_fast.compare --config examples/compare_large_gap.toml --arms $(AKD_ARMS) --out bench/results/compare/large-gap-akd --work runs/compare-large-gap
+	$(BIN)/python -m ddk_fast.compare --config examples/compare_hard_large.toml --arms $(AKD_ARMS) --out bench/results/compare/hard-large-akd --work runs/compare-hard-large
 
 # On-policy distillation (issue 21): λ = 0.5 and 1, with DDK and uniform mixing, against the off-policy ddk
 # and uniform runs of `make compare` (reused when finished); every arm also gets the on-policy measure.

@@ -27,8 +27,9 @@ def test_quick_comparison_writes_results_report_and_plots(quick):
     assert set(res) >= {"setting", "seeds", "domains", "teacher_test_ce", "runs", "references"}
     assert res["seeds"] == [0] and res["setting"]["quick"] and res["setting"]["commit"] is not None
     assert res["domains"] == ["code", "docs", "arithmetic", "structured", "logs"]
-    assert [r["arm"] for r in res["runs"]] == list(ARMS)
-    assert set(res["setting"]["arm_configs"]) == set(ARMS) and res["setting"]["best_fixed_grid"]
+    arms = [*ARMS, "ddk_nocap", "ddk_minimax"]  # examples/compare.toml: the defaults and the factor variants
+    assert [r["arm"] for r in res["runs"]] == arms == res["setting"]["arms"]
+    assert set(res["setting"]["arm_configs"]) == set(arms) and res["setting"]["best_fixed_grid"]
     for r in res["runs"]:
         assert r["commit"] is not None and "config" not in r  # the config: once per arm, in the setting
         for key in ("tokens", "test_ce", "gap", "mean_gap", "worst_gap", "weights", "weight_oscillation"):
@@ -87,6 +88,7 @@ def test_reuse_takes_matching_runs_of_an_earlier_results_json(quick, tmp_path, c
     before = {p.parent.name: p.stat().st_mtime for p in runs.glob("*/run_result.json")}
     out = tmp_path / "out"
     common = [*args, "--out", str(out), "--reuse", str(earlier), "--arms", "uniform,best_fixed,ddk_nocap"]
+    common += ["--set", "ddk.factor_temperature=0.7"]  # a new ddk_nocap run; the fixed mixes never read it
     assert main(common) == 0
     again = json.loads((out / "results.json").read_text())
     by = {r["arm"]: r for r in again["runs"]}
@@ -117,7 +119,7 @@ def test_reuse_takes_matching_runs_of_an_earlier_results_json(quick, tmp_path, c
 
 def test_bad_compare_table_is_a_config_error(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace('"ce"]', '"nonsense"]'))
+    cfg.write_text((REPO / "examples" / "compare.toml").read_text().replace('"ddk_minimax",', '"nonsense",'))
     assert main(["--config", str(cfg), "--quick"]) == 2
     assert "[compare] arms: expected one of ddk" in capsys.readouterr().err
 
