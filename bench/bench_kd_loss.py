@@ -73,6 +73,7 @@ from bench.harness import (
     matmul_tflops,
     peak_memory,
     record,
+    reset_peak_rss,
     status_kib,
     tflops,
     time_fn,
@@ -410,8 +411,7 @@ def cpu_child(variant: str, shape: str, calls: int = CPU_CALLS, chunk: int | Non
     step.tensors[0].grad = None  # the base must not hold a gradient the next call frees
     gc.collect()
     base = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
-        f.write("5")
+    reset_peak_rss()
     if status_kib("VmHWM") > base + 1024:
         raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM: cannot measure peak RSS")
     times = []

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.harness import reset_peak_rss, status_kib
+
 SHAPES = {
     "real": dict(
         vocab=151936,
@@ -103,18 +105,6 @@ def ddk_raw_config(root: Path, shape: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ child side
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _clear_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS (Linux >= 4.0)
-        f.write("5")
-
-
 class Driver:
     """The child's end of the protocol. The arm's loop calls :meth:`gate` at the start of every step: it
     reports the previous step (its wall time and losses), then blocks until the coordinator's next command
@@ -140,18 +130,18 @@ class Driver:
         now = time.perf_counter()
         if not self.ready:
             self.ready = True
-            _clear_peak()
-            self.send(ready=True, rss_kb=_status_kib("VmRSS"))
+            reset_peak_rss()
+            self.send(ready=True, rss_kb=status_kib("VmRSS"))
         elif self.t0 is not None:
             self.send(seconds=now - self.t0, **self.last, parts=self.parts if self.profiling else None)
         while True:
             cmd = sys.stdin.readline().strip()
             if cmd in ("mark", "stop", ""):
-                self.send(hwm_kb=_status_kib("VmHWM"), rss_kb=_status_kib("VmRSS"))
+                self.send(hwm_kb=status_kib("VmHWM"), rss_kb=status_kib("VmRSS"))
                 if cmd != "mark":
                     self.out.flush()
                     os._exit(0)
-                _clear_peak()
+                reset_peak_rss()
                 continue
             self.profiling, self.parts, self.last = cmd == "profile", {}, {}
             self.t0 = time.perf_counter()

@@ -241,13 +241,18 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter of this process: VmHWM := VmRSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _child_main() -> None:
     mod_name, func_name = sys.argv[1].split(":")
     kwargs = json.loads(sys.argv[2])
     fn = getattr(importlib.import_module(mod_name), func_name)(**kwargs)
     fn()  # warm-up (lazy init, torch.compile)
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux >= 4.0)
-        f.write("5")
+    reset_peak_rss()
     base = status_kib("VmRSS")
     fn()
     peak = status_kib("VmHWM")

@@ -216,14 +216,10 @@ def _progress(history: list[dict], gaps: torch.Tensor) -> torch.Tensor | None:
     per interval (``fall_i = b_t + ρ · w_i``: b_t is what every domain gains from any token, transfer; ρ what
     its own share adds); None when the weights never differed between domains or ρ <= 0 (then the caller
     takes an excess-loss step)."""
-    entries = [*history, {"gaps": gaps}]
+    seen = [_gaps(h["student_loss"], h["teacher_loss"]) for h in history] + [gaps]
     num = den = 0.0
-    for prev, cur in zip(entries, entries[1:]):
-        g0 = prev.get("gaps")
-        g0 = _gaps(prev["student_loss"], prev["teacher_loss"]) if g0 is None else g0
-        g1 = cur.get("gaps")
-        g1 = _gaps(cur["student_loss"], cur["teacher_loss"]) if g1 is None else g1
-        w = torch.as_tensor(prev["weights"], dtype=torch.float64)
+    for h, g0, g1 in zip(history, seen, seen[1:]):
+        w = torch.as_tensor(h["weights"], dtype=torch.float64)
         if g0.shape != g1.shape or w.shape != g1.shape:
             return None
         fall, w = g0 - g1, w - w.mean()
@@ -286,7 +282,7 @@ class DomainMixer:
             if first:
                 psi = torch.softmax(log_factor, dim=0)
                 return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
-            rho = self._minimax_progress(gaps) if self.factor == "minimax" else None
+            rho = _progress(self.history, gaps) if self.factor == "minimax" else None
             if rho is not None:
                 psi = minimax_shares(gaps, rho)
                 return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
@@ -296,10 +292,6 @@ class DomainMixer:
             raise ValueError(f"alpha: expected a number in [0, 1], got {self.alpha}")
         psi = _smooth_factor(self.weights, log_factor)
         return self.alpha * psi + (1.0 - self.alpha) / psi.numel(), psi
-
-    def _minimax_progress(self, gaps: torch.Tensor) -> torch.Tensor | None:
-        """ρ from the recorded updates (their gaps and the weights used after each), None without one."""
-        return _progress(self.history, gaps) if self.history else None
 
     def update(self, step: int, student_losses, teacher_losses) -> list[float]:
         if self.mode != "ddk":

@@ -8,6 +8,7 @@ from pathlib import Path
 from .stats import (
     GOAL_MARGIN,
     by_arm,
+    by_pair,
     goal_check,
     interval_text,
     onpolicy_intervals,
@@ -138,10 +139,7 @@ def onpolicy_lines(results: dict) -> list[str]:
             "| on-policy − control | n | Δ mean test gap | Δ worst test gap | Δ continuation CE |",
             "|---|---|---|---|---|",
         ]
-        pairs: dict[tuple[str, str], dict[str, dict]] = {}
-        for row in intervals:
-            pairs.setdefault((row["treatment"], row["baseline"]), {})[row["metric"]] = row
-        for (treat, base), m in pairs.items():
+        for (treat, base), m in by_pair(intervals).items():
             cells = [
                 f"{interval_text(m[k])} ({m[k]['verdict']})" if k in m else "-"
                 for k in ("mean_gap", "worst_gap", "cont_ce_mean")

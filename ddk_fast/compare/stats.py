@@ -119,14 +119,22 @@ def paired_intervals(results: dict) -> list[dict]:
     return out
 
 
+def by_pair(intervals: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """Interval rows grouped as ``{(treatment, baseline): {metric: row}}``, in their order."""
+    pairs: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in intervals:
+        pairs.setdefault((row["treatment"], row["baseline"]), {})[row["metric"]] = row
+    return pairs
+
+
 def goal_check(results: dict) -> list[dict]:
     """Per DDK arm present (``ddk*`` treatments): each interval the goal reads (``GOAL_*``), its upper end,
     and ``met`` (every upper end <= ``GOAL_MARGIN``; None with fewer than two seeds)."""
-    iv = {(r["treatment"], r["baseline"], r["metric"]): r for r in results.get("intervals") or []}
+    iv = by_pair(results.get("intervals") or [])
     out = []
     for treat in (t for t in TREATMENTS if t.startswith("ddk")):
         need = [(b, "worst_gap") for b in GOAL_WORST_AGAINST] + [(b, "mean_gap") for b in GOAL_MEAN_AGAINST]
-        rows = [iv.get((treat, b, m)) for b, m in need]
+        rows = [iv.get((treat, b), {}).get(m) for b, m in need]
         if any(r is None for r in rows):
             continue
         his = [r["hi"] for r in rows]
@@ -214,10 +222,7 @@ def summary_lines(results: dict) -> list[str]:
             "| treatment − baseline | Δ mean gap | verdict | Δ worst gap | verdict |",
             "|---|---|---|---|---|",
         ]
-        pairs: dict[tuple[str, str], dict[str, dict]] = {}
-        for row in intervals:
-            pairs.setdefault((row["treatment"], row["baseline"]), {})[row["metric"]] = row
-        for (treat, base), m in pairs.items():
+        for (treat, base), m in by_pair(intervals).items():
             mg, wg = m["mean_gap"], m["worst_gap"]
             lines.append(
                 f"| {treat} − {base} | {interval_text(mg)} | {mg['verdict']} | {interval_text(wg)} | "
