@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .chunk_math import _valid_mask
 from .params import KDOutput, KDParams, make_params
-from .reference import _valid_mask
 
 
 def _kl_from_logprobs(la, lb):

@@ -44,8 +44,8 @@ import math
 
 import torch
 
+from .chunk_math import _finish, _out_from, _valid_mask, auto_chunk_size
 from .params import KDOutput, KDParams, check_tokens, make_params
-from .reference import _finish, _out_from, _valid_mask, auto_chunk_size
 
 TOPK_DIVERGENCES = ("forward_kl", "total_variation")
 TAIL_FLOOR = 1e-6
